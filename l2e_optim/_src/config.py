@@ -1,0 +1,137 @@
+"""L2EConfig: the frozen, validated configuration of an L2EWrapper."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+Inhibition = Literal["l2e", "memel", "none"]
+LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
+
+_INHIBITIONS = ("l2e", "memel", "none")
+_LAYER_NAMES = ("mid-2", "mid-third", "all")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the value and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class L2EConfig:
+    """How L2EWrapper selects and inhibits monosemantic neurons.
+
+    Attributes:
+        inhibition: ``"l2e"`` (moving threshold + log-MS regularizer in gradient space),
+            ``"memel"`` (Reverse Deactivation of the per-token top-``memel_topk`` scores) or
+            ``"none"`` (statistics and threshold only, for monitoring).
+        ratio: target fraction p of (token, neuron) values selected as monosemantic.
+        strength: lambda, the weight of the L2E regularizer ``lambda * L_MS``.
+        eps: variance compensation: scores divide by ``var + eps * mean(var)``.
+        log_eps: delta inside ``log((z - mean)^2 + delta)``.
+        forget_steps: n_f; after n_f steps' worth of tokens the history is capped, so the mean
+            becomes an EMA with weight 1/(n_f+1) on each step. ``None`` keeps exact cumulative
+            statistics.
+        warmup_steps: optimizer steps before any inhibition (statistics and threshold still run).
+        layers: which transformer blocks carry sites when they are discovered automatically:
+            ``"mid-2"`` (the two middle blocks), ``"mid-third"``, ``"all"`` or block indices.
+        memel_topk: k of MEmeL's per-token top-k retrieval.
+        memel_scale: Delta of Reverse Deactivation.
+        grad_accumulation_steps: micro-batches per optimizer step; the regularizer is divided by
+            it, like a loss divided for gradient accumulation.
+        threshold_lr: eta of the multiplicative threshold update
+            ``tau <- tau * exp(eta * min((r - p) / p, 9))``, r the step's selected fraction.
+        threshold_init: starting threshold; ``None`` uses the chi-square(1) quantile of ``ratio``
+            (the exact threshold if activations were Gaussian).
+    """
+
+    inhibition: Inhibition = "l2e"
+    ratio: float = 0.02
+    strength: float = 1e-3
+    eps: float = 0.01
+    log_eps: float = 1e-6
+    forget_steps: int | None = 10
+    warmup_steps: int = 10
+    layers: LayerChoice = "mid-2"
+    memel_topk: int = 1
+    memel_scale: float = 1.0
+    grad_accumulation_steps: int = 1
+    threshold_lr: float = 0.05
+    threshold_init: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.inhibition not in _INHIBITIONS:
+            raise ConfigError(
+                f"inhibition={self.inhibition!r} is not one of {_INHIBITIONS}; "
+                "use 'l2e' for the paper's method, 'memel' for the baseline, 'none' to monitor."
+            )
+        _check_open_unit("ratio", self.ratio, "the paper's best values are 0.01 to 0.03")
+        _check_nonnegative("strength", self.strength)
+        _check_nonnegative("eps", self.eps)
+        _check_positive("log_eps", self.log_eps)
+        _check_nonnegative("memel_scale", self.memel_scale)
+        _check_positive("threshold_lr", self.threshold_lr)
+        if self.threshold_init is not None:
+            _check_positive("threshold_init", self.threshold_init)
+        if self.forget_steps is not None:
+            _check_int_at_least("forget_steps", self.forget_steps, 1, "or None to never forget")
+        _check_int_at_least("warmup_steps", self.warmup_steps, 0, "")
+        _check_int_at_least("memel_topk", self.memel_topk, 1, "")
+        _check_int_at_least("grad_accumulation_steps", self.grad_accumulation_steps, 1, "")
+        object.__setattr__(self, "layers", _normalise_layers(self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (for checkpoints and logs)."""
+        out = dataclasses.asdict(self)
+        if isinstance(self.layers, tuple):
+            out["layers"] = list(self.layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> L2EConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown L2EConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**dict(data))
+
+
+def _normalise_layers(layers: object) -> LayerChoice:
+    if isinstance(layers, str):
+        if layers not in _LAYER_NAMES:
+            raise ConfigError(
+                f"layers={layers!r} is not one of {_LAYER_NAMES}; or pass block indices, e.g. (2, 3)."
+            )
+        return layers  # type: ignore[return-value]
+    if isinstance(layers, Sequence) and layers and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers
+    ):
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"layers={tuple(layers)} repeats a block index; list each once.")
+        return tuple(layers)
+    raise ConfigError(
+        f"layers={layers!r} must be one of {_LAYER_NAMES} or a non-empty sequence of block indices."
+    )
+
+
+def _check_open_unit(name: str, value: float, hint: str) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ConfigError(f"{name}={value!r} must lie in (0, 1); {hint}.")
+
+
+def _check_nonnegative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+        raise ConfigError(f"{name}={value!r} must be a finite number >= 0.")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0.0):
+        raise ConfigError(f"{name}={value!r} must be a finite number > 0.")
+
+
+def _check_int_at_least(name: str, value: int, low: int, extra: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        tail = f" ({extra})" if extra else ""
+        raise ConfigError(f"{name}={value!r} must be an integer >= {low}{tail}.")

@@ -1,0 +1,36 @@
+"""The two inhibitions, as pure tensor functions.
+
+L2E adds ``strength * L_MS`` in gradient space; MEmeL rewrites the forward value (Reverse
+Deactivation). Both see mean/var/tau as they stand before the step (stop-gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def log_ms_grad(d: Tensor, selected: Tensor, log_eps: float) -> Tensor:
+    """d/dz of ``sum over selected of log((z - mean)^2 + log_eps)``, with ``d = z - mean``.
+
+    Returns ``2 d / (d^2 + log_eps)`` where selected, 0 elsewhere (fp32, shape of ``d``).
+    """
+    return (2.0 * d / (d * d + log_eps)) * selected
+
+
+def reverse_deactivation(z: Tensor, selected: Tensor, mean: Tensor, scale: float) -> Tensor:
+    """MEmeL's Reverse Deactivation ``z' = (1 - m(1+Delta)) z + m (mean + Delta sg(z))``.
+
+    The forward value of a selected element becomes the neuron's mean; its gradient is
+    multiplied by ``-Delta``. Unselected elements pass through unchanged (value and gradient).
+
+    Args:
+        z: activations ``[..., neurons]``.
+        selected: bool mask broadcastable to ``z``.
+        mean: ``[neurons]`` running mean (no gradient).
+        scale: Delta.
+    """
+    # mean + Delta * (sg(z) - z) is exactly `mean` in the forward (the bracket is exactly 0),
+    # and its gradient is -Delta: the same value and gradient as the formula, without rounding.
+    reversed_ = mean.to(z.dtype) + scale * (z.detach() - z)
+    return torch.where(selected, reversed_, z)

@@ -1,0 +1,114 @@
+"""Slow, obviously-correct float64 references for every fast path (for tests only).
+
+Plain Python loops over tokens and neurons, straight from algorithm.md; no vectorisation, so
+nothing here can share a bug with the fast path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def scores(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """phi[t, i] = (z - mean_i)^2 / (var_i + eps * mean_j var_j)."""
+    z, mean, var = z.double(), mean.double(), var.double()
+    tokens, n = z.shape
+    mean_var = sum(float(v) for v in var) / n
+    out = torch.zeros(tokens, n, dtype=torch.float64)
+    for t in range(tokens):
+        for i in range(n):
+            denom = max(float(var[i]) + eps * mean_var, torch.finfo(torch.float32).tiny)
+            out[t, i] = (float(z[t, i]) - float(mean[i])) ** 2 / denom
+    return out
+
+
+def merge(
+    count: float, mean: list[float], var: list[float], batch: Tensor, forget_steps: int | None
+) -> tuple[list[float], list[float]]:
+    """One step's merge, neuron by neuron: exact two-pass batch moments, then the formula."""
+    b = batch.shape[0]
+    new_mean, new_var = [], []
+    for i in range(batch.shape[1]):
+        values = [float(v) for v in batch[:, i].double()]
+        if b == 0:
+            new_mean.append(mean[i])
+            new_var.append(var[i])
+            continue
+        mu_b = sum(values) / b
+        v_b = sum((v - mu_b) ** 2 for v in values) / b
+        m = count if forget_steps is None else min(count, forget_steps * b)
+        total = m + b
+        new_mean.append((m * mean[i] + b * mu_b) / total)
+        if total <= 1:
+            new_var.append(0.0)
+            continue
+        between = m * b * (mean[i] - mu_b) ** 2 / ((total - 1) * total)
+        within = (b * v_b + max(m - 1, 0) * var[i]) / (total - 1)
+        new_var.append(between + within)
+    return new_mean, new_var
+
+
+def threshold_selection(phi: Tensor, tau: float) -> set[tuple[int, int]]:
+    """The (token, neuron) pairs with phi >= tau."""
+    return {(t, i) for t in range(phi.shape[0]) for i in range(phi.shape[1]) if float(phi[t, i]) >= tau}
+
+
+def topk_selection(phi: Tensor, k: int) -> set[tuple[int, int]]:
+    """Each token's k highest-scoring neurons (MEmeL's retrieval)."""
+    picked = set()
+    for t in range(phi.shape[0]):
+        ranked = sorted(range(phi.shape[1]), key=lambda i: -float(phi[t, i]))
+        picked.update((t, i) for i in ranked[:k])
+    return picked
+
+
+def l2e_penalty(z: Tensor, mean: Tensor, selected: set[tuple[int, int]], log_eps: float) -> Tensor:
+    """sum over selected (t, i) of log((z_ti - mean_i)^2 + delta), differentiable in z."""
+    total = z.new_zeros((), dtype=torch.float64)
+    for t, i in sorted(selected):
+        d = z[t, i].double() - float(mean[i])
+        total = total + torch.log(d * d + log_eps)
+    return total
+
+
+def reverse_deactivation(
+    z: Tensor, mean: Tensor, selected: set[tuple[int, int]], scale: float
+) -> tuple[Tensor, Tensor]:
+    """Forward values and d(out)/dz of RD, element by element."""
+    out = z.double().clone()
+    slope = torch.ones_like(out)
+    for t, i in selected:
+        out[t, i] = float(mean[i])
+        slope[t, i] = -scale
+    return out, slope
+
+
+def threshold_update(tau: float, selected: float, total: float, ratio: float, lr: float) -> float:
+    """The moving threshold's rule, in Python floats."""
+    if total == 0:
+        return tau
+    error = min((selected / total - ratio) / ratio, 9.0)
+    return min(max(tau * math.exp(lr * error), 1e-4), 1e8)
+
+
+def false_killing_rate(phi: Tensor, features: Tensor, ratio: float) -> float:
+    """FKR by loops: l*_j by per-feature means, tau_k the k-th largest score."""
+    tokens, n = phi.shape
+    labels = sorted({int(f) for f in features})
+    lstar = []
+    for j in range(n):
+        best, best_mean = None, -math.inf
+        for label in labels:
+            values = [float(phi[t, j]) for t in range(tokens) if int(features[t]) == label]
+            mean = sum(values) / len(values)
+            if mean > best_mean:
+                best, best_mean = label, mean
+        lstar.append(best)
+    flat = sorted((float(v) for v in phi.flatten()), reverse=True)
+    tau_k = flat[max(1, math.ceil(ratio * len(flat))) - 1]
+    selected = [(t, j) for t in range(tokens) for j in range(n) if float(phi[t, j]) >= tau_k]
+    false = [1 for t, j in selected if int(features[t]) != lstar[j]]
+    return len(false) / len(selected)

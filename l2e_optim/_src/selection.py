@@ -1,0 +1,85 @@
+"""Scoring and retrieval of monosemantic (token, neuron) values: pure tensor functions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import reduce
+from torch import Tensor
+
+#: The relative error (r - p) / p is at least -1 (r >= 0); it is clipped above at this value so
+#: one outlier step moves tau by at most exp(threshold_lr * 9). A tighter, symmetric clip would
+#: bias the fixed point: bursty steps with r > 2p would count as r = 2p and tau would settle low.
+THRESHOLD_ERROR_MAX = 9.0
+#: tau is clamped to this range: far outside it no real activation distribution can be.
+THRESHOLD_BOUNDS = (1e-4, 1e8)
+
+
+def score_denominator(var: Tensor, eps: float) -> Tensor:
+    """``var + eps * mean(var)`` (MEmeL's variance compensation), floored above 0.
+
+    The floor (fp32's smallest normal) only matters when every neuron is dead (all var 0).
+    """
+    compensation = eps * reduce(var, "n -> ()", "mean")
+    return (var + compensation).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def monosemanticity_scores(z: Tensor, mean: Tensor, var: Tensor, *, eps: float = 0.01) -> Tensor:
+    """Monosemanticity score ``phi = (z - mean)^2 / (var + eps * mean(var))`` of each value.
+
+    Args:
+        z: activations, ``[..., neurons]``, any float dtype (scored in fp32).
+        mean: running mean of each neuron's earlier values, ``[neurons]``.
+        var: their unbiased running variance, ``[neurons]``.
+        eps: variance compensation (MEmeL, default 0.01); keeps dead neurons finite.
+
+    Returns:
+        fp32 scores with the shape of ``z``.
+    """
+    d = z.float() - mean.float()
+    return d * d / score_denominator(var.float(), eps)
+
+
+def per_token_topk_mask(scores: Tensor, k: int) -> Tensor:
+    """MEmeL's retrieval: True at each token row's ``k`` highest scores. ``scores``: ``[tokens, N]``."""
+    k = min(k, scores.shape[-1])
+    top = torch.topk(scores, k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def initial_threshold(ratio: float) -> float:
+    """Chi-square(1) upper quantile of ``ratio``: the exact threshold for Gaussian activations.
+
+    For x ~ N(mean, var), phi = (x-mean)^2/var ~ chi2(1) and P(phi >= t) = erfc(sqrt(t/2)).
+    """
+    return 2.0 * _erfcinv(ratio) ** 2
+
+
+def update_threshold(
+    tau: Tensor, selected: Tensor, total: Tensor, ratio: float, lr: float
+) -> Tensor:
+    """One O(1) step of the moving threshold (this project's rule, algorithm.md section 3).
+
+    ``tau <- tau * exp(lr * min((r - ratio) / ratio, 9))`` with ``r = selected / total``,
+    clamped to ``THRESHOLD_BOUNDS``; unchanged where ``total == 0``. A Robbins-Monro step on
+    ``log tau``: multiplicative, so the step size scales with tau whatever the activation scale,
+    and its fixed point is ``E[r] = ratio``: tau tracks the global (1 - ratio)-quantile of the
+    scores, averaged over steps rather than ranked within one batch.
+    """
+    r = selected / total.clamp_min(1.0)
+    error = ((r - ratio) / ratio).clamp_max(THRESHOLD_ERROR_MAX)
+    new_tau = (tau * torch.exp(lr * error)).clamp(*THRESHOLD_BOUNDS)
+    return torch.where(total > 0, new_tau, tau)
+
+
+def _erfcinv(p: float) -> float:
+    """Inverse complementary error function by bisection (no scipy dependency)."""
+    lo, hi = 0.0, 10.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if math.erfc(mid) > p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)

@@ -1,0 +1,215 @@
+"""One neuron site: its state tensors, the autograd tap, and the forward hook.
+
+Statistics are gathered in the *backward* pass, by an identity autograd function placed on the
+site's activation. Backward runs exactly once for every micro-batch that trains, whatever the
+forward did: activation checkpointing's recomputed forward (reentrant or not) is counted once,
+and eval passes, ``no_grad`` and ``inference_mode`` build no graph, so they count nothing. It
+also puts the L2E gradient where it belongs: added to the gradient flowing into the activation.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import L2EConfig
+from .inhibition import log_ms_grad, reverse_deactivation
+from .selection import monosemanticity_scores, per_token_topk_mask
+from .statistics import shifted_sums
+
+# Layout of a site's step accumulator (fp32, all-reduced as one block): the shifted sums
+# s1 [N] and s2 [N], then these scalar slots.
+ACC_TOKENS, ACC_SELECTED, ACC_NONFINITE = 0, 1, 2
+ACC_SCALARS = 3
+
+
+class SiteState:
+    """Live state of one site; its tensors are updated in place at ``step()`` (storage is kept).
+
+    Attributes:
+        name: qualified module name, as in ``model.named_modules()``.
+        mean: ``[N]`` fp32 running mean of each neuron.
+        var: ``[N]`` fp32 running unbiased variance.
+        threshold: 0-dim fp32 moving threshold tau on the monosemanticity score.
+        count: 0-dim int64 tokens merged into the statistics so far.
+        selected_fraction: 0-dim fp32 fraction of values with score >= tau in the last step.
+        nonfinite: 0-dim int64 micro-batches skipped for NaN/inf activations.
+    """
+
+    def __init__(self, name: str, neurons: int, threshold: float, device: torch.device) -> None:
+        self.name = name
+        f32, i64 = torch.float32, torch.int64
+        self.mean = torch.zeros(neurons, dtype=f32, device=device)
+        self.var = torch.zeros(neurons, dtype=f32, device=device)
+        self.threshold = torch.full((), threshold, dtype=f32, device=device)
+        self.count = torch.zeros((), dtype=i64, device=device)
+        self.selected_fraction = torch.zeros((), dtype=f32, device=device)
+        self.nonfinite = torch.zeros((), dtype=i64, device=device)
+        # Step accumulator: not state (it never outlives a step), so not checkpointed.
+        self.accumulator = torch.zeros(2 * neurons + ACC_SCALARS, dtype=f32, device=device)
+
+    @property
+    def neurons(self) -> int:
+        """N, the number of neurons of the site."""
+        return int(self.mean.shape[0])
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The checkpointed tensors by name."""
+        return {
+            "mean": self.mean,
+            "var": self.var,
+            "threshold": self.threshold,
+            "count": self.count,
+            "selected_fraction": self.selected_fraction,
+            "nonfinite": self.nonfinite,
+        }
+
+    def move_to(self, device: torch.device) -> None:
+        """Move every tensor to ``device`` (once, when the model moved after wrapping)."""
+        for key, value in self.tensors().items():
+            setattr(self, key, value.to(device))
+        self.accumulator = self.accumulator.to(device)
+
+    def __repr__(self) -> str:
+        return f"SiteState(name={self.name!r}, neurons={self.neurons})"
+
+
+class _Tap(torch.autograd.Function):
+    """Identity in forward; in backward, accumulates the site's statistics and adds the L2E grad."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: Tensor,
+        valid: Tensor | None,
+        site: tuple[Tensor, ...],
+        options: tuple[float, float, float, int],
+    ) -> Tensor:
+        ctx.save_for_backward(z, valid)
+        ctx.site = site
+        ctx.options = options
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        z, valid = ctx.saved_tensors
+        mean, var, tau, count, step, acc = ctx.site
+        eps, log_eps, coef, warmup = ctx.options
+        z2 = rearrange(z, "... n -> (...) n").float()  # [tokens, N]
+        d = z2 - mean  # shift K = running mean: identical on every rank, keeps sums small
+        phi = monosemanticity_scores(z2, mean, var, eps=eps)
+        selected = (phi >= tau) & (count > 0)  # nothing is monosemantic before any statistics
+        if valid is not None:
+            selected = selected & (valid[:, None] > 0)
+        finite = torch.isfinite(z2).all()  # a device bool: skipping costs no host sync
+        tokens = valid.sum() if valid is not None else z2.new_full((), float(z2.shape[0]))
+        _accumulate(acc, d, valid, tokens, selected, finite)
+        if coef == 0.0:
+            return grad, None, None, None
+        active = finite & (step >= warmup)
+        scale = torch.where(active, coef / tokens.clamp_min(1.0), 0.0)
+        extra = (scale * log_ms_grad(d, selected, log_eps)).reshape(grad.shape)
+        return grad + extra.to(grad.dtype), None, None, None
+
+
+def _accumulate(
+    acc: Tensor, d: Tensor, valid: Tensor | None, tokens: Tensor, selected: Tensor, finite: Tensor
+) -> None:
+    n = d.shape[-1]
+    s1, s2 = shifted_sums(d, valid)
+    zero = torch.zeros((), dtype=acc.dtype, device=acc.device)
+    acc[:n] += torch.where(finite, s1, zero)
+    acc[n : 2 * n] += torch.where(finite, s2, zero)
+    tail = torch.stack([tokens.to(acc.dtype), selected.sum().to(acc.dtype)])
+    acc[2 * n : 2 * n + 2] += torch.where(finite, tail, zero)
+    acc[2 * n + ACC_NONFINITE] += (~finite).to(acc.dtype)
+
+
+class SiteRuntime:
+    """What a site's hook reads besides the site: the wrapper's switches and shared tensors."""
+
+    def __init__(self, config: L2EConfig, step: Tensor) -> None:
+        self.config = config
+        self.step = step
+        self.paused = False
+        self.token_mask: Tensor | None = None
+
+
+def make_hook(
+    module: nn.Module, site: SiteState, runtime: SiteRuntime, tap: str
+) -> Callable[..., Any]:
+    """The forward (pre-)hook of one site; a closure, so deep copies of the model share it.
+
+    A deep copy of the model (EMA, SWA) carries this very function; it checks module identity
+    and does nothing on the copy, so copies never write into the live statistics.
+    """
+    owner = weakref.ref(module)
+
+    def observe(z: Tensor) -> Tensor:
+        if z.device != site.mean.device:
+            site.move_to(z.device)
+        config = runtime.config
+        valid = _flat_mask(runtime.token_mask, z, site.name)
+        out = z
+        if torch.is_grad_enabled():
+            coef = config.strength / config.grad_accumulation_steps if config.inhibition == "l2e" else 0.0
+            tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator)
+            options = (config.eps, config.log_eps, coef, config.warmup_steps)
+            out = _Tap.apply(z, valid, tensors, options)  # type: ignore[no-untyped-call]
+        if config.inhibition == "memel":
+            out = _memel(out, valid, site, runtime)
+        return out
+
+    if tap == "input":
+
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if mod is not owner() or runtime.paused or not mod.training:
+                return None
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(
+                    f"L2E site {site.name!r} expects its activation as the first positional "
+                    "argument of the module's forward; pass sites whose input is the activation."
+                )
+            return (observe(args[0]),) + tuple(args[1:])
+
+        return pre_hook
+
+    def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
+        if mod is not owner() or runtime.paused or not mod.training:
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(f"L2E site {site.name!r} (tap='output') must return a single tensor.")
+        return observe(output)
+
+    return post_hook
+
+
+def _memel(z: Tensor, valid: Tensor | None, site: SiteState, runtime: SiteRuntime) -> Tensor:
+    """Reverse Deactivation of each token's top-k scores (after warm-up, once statistics exist)."""
+    config = runtime.config
+    z2 = rearrange(z, "... n -> (...) n")
+    phi = monosemanticity_scores(z2.detach(), site.mean, site.var, eps=config.eps)
+    selected = per_token_topk_mask(phi, config.memel_topk)
+    selected = selected & (site.count > 0) & (runtime.step >= config.warmup_steps)
+    if valid is not None:
+        selected = selected & (valid[:, None] > 0)
+    out = reverse_deactivation(z2, selected, site.mean, config.memel_scale)
+    return out.reshape(z.shape)
+
+
+def _flat_mask(mask: Tensor | None, z: Tensor, name: str) -> Tensor | None:
+    if mask is None:
+        return None
+    tokens = z.numel() // z.shape[-1]
+    if mask.numel() != tokens:
+        raise ValueError(
+            f"token mask has {mask.numel()} entries but site {name!r} sees {tokens} tokens "
+            f"(activation {tuple(z.shape)}); call set_token_mask with this micro-batch's "
+            "[batch, seq] attention mask, or set_token_mask(None)."
+        )
+    return rearrange(mask, "... -> (...)").to(device=z.device, dtype=torch.float32)

@@ -1,0 +1,307 @@
+"""L2EWrapper: a torch.optim.Optimizer that wraps another and adds L2E to its model."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .commit import commit_site
+from .config import L2EConfig
+from .discovery import SiteDiscoveryError, SiteSelector, resolve_sites, site_width
+from .distributed import start_all_reduce
+from .selection import initial_threshold
+from .site import SiteRuntime, SiteState, make_hook
+from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_l2e_state
+
+Tap = Literal["input", "output"]
+
+
+class L2EWrapper(torch.optim.Optimizer):
+    """Wrap ``base_optimizer`` so that training ``model`` inhibits its monosemantic neurons.
+
+    The wrapper is the optimizer the loop (and any LR scheduler) talks to. ``param_groups``,
+    ``state`` and ``defaults`` are the base optimizer's own objects. Forward hooks on the sites
+    tap the MLP hidden activations; the backward pass gathers each site's statistics and adds
+    ``strength * dL_MS/dz`` to the activation's gradient (mode ``"l2e"``); ``step()`` steps the
+    base optimizer, then commits statistics and thresholds with no host synchronisation.
+
+    Args:
+        base_optimizer: the optimizer to wrap (AdamW, SGD, ...), already built on the params.
+        model: the module to hook (wrapped in DDP / compiled or not).
+        config: an :class:`L2EConfig`.
+        sites: ``None`` discovers the MLP down projections of the blocks chosen by
+            ``config.layers``; or the qualified names of the modules to tap; or a callable
+            ``(name, module) -> bool``.
+        tap: ``"input"`` taps each site module's input (the default sites' hidden activation);
+            ``"output"`` taps its output (e.g. an up projection, for pre-activation values).
+        process_group: group to all-reduce statistics over (default: the world, when a process
+            group is initialised); e.g. the data-parallel group under hybrid sharding.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        config: L2EConfig | None = None,
+        sites: Sequence[str] | SiteSelector | None = None,
+        tap: Tap = "input",
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}."
+            )
+        if isinstance(base_optimizer, L2EWrapper):
+            raise TypeError("base_optimizer is already an L2EWrapper; wrap the plain optimizer once.")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        config = L2EConfig() if config is None else config
+        if not isinstance(config, L2EConfig):
+            raise TypeError(f"config must be an L2EConfig, got {type(config).__name__}.")
+        if tap not in ("input", "output"):
+            raise ValueError(f"tap={tap!r} must be 'input' or 'output'.")
+        if tap == "output" and sites is None:
+            raise ValueError("tap='output' needs explicit sites (e.g. the MLP up projections).")
+        names = resolve_sites(model, sites, config.layers)
+        modules = dict(model.named_modules())
+        device = _module_device(model)
+
+        self._base = base_optimizer
+        self._init_hook_dicts()
+        self._patch_step_function()
+        self.config = config
+        self.process_group = process_group
+        self._step_count = torch.zeros((), dtype=torch.int64, device=device)
+        self._runtime = SiteRuntime(config, self._step_count)
+        tau0 = config.threshold_init or initial_threshold(config.ratio)
+        self._sites: dict[str, SiteState] = {}
+        for name in names:
+            width = site_width(modules[name], tap)
+            if width is None:
+                raise SiteDiscoveryError(
+                    f"cannot tell the number of neurons of site {name!r} "
+                    f"({type(modules[name]).__name__}); point sites at linear layers: the down "
+                    "projection (tap='input') or the up projection (tap='output')."
+                )
+            self._sites[name] = SiteState(name, width, tau0, _module_device(modules[name], device))
+        self._handles: list[RemovableHandle] = []
+        for name, site in self._sites.items():
+            module = modules[name]
+            hook = make_hook(module, site, self._runtime, tap)
+            if tap == "input":
+                self._handles.append(module.register_forward_pre_hook(hook))
+            else:
+                self._handles.append(module.register_forward_hook(hook))
+
+    # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._base.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self._base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self._base.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._base.defaults = value
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._base
+
+    @property
+    def sites(self) -> Mapping[str, SiteState]:
+        """Read-only mapping from site name to its live :class:`SiteState`."""
+        return MappingProxyType(self._sites)
+
+    @property
+    def step_count(self) -> Tensor:
+        """0-dim int64 device tensor: optimizer steps committed so far."""
+        return self._step_count
+
+    # -- the training step ----------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Step the base optimizer, then commit this step's statistics and thresholds.
+
+        ``closure`` (if given) is called once, with grad enabled, before any gradient change;
+        its value is returned. With a process group, the step's sums are all-reduced (one
+        collective, overlapped with the base step).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = start_all_reduce(self._accumulators(), self.process_group)
+        self._base.step()
+        if pending is not None:
+            pending.wait()
+        self._commit()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the base optimizer's gradients and drop this step's gathered statistics with them.
+
+        Statistics live exactly as long as the gradients they came with: a step skipped by
+        ``GradScaler`` (``step()`` not called) leaves nothing behind once grads are zeroed.
+        """
+        self._base.zero_grad(set_to_none=set_to_none)
+        with torch.no_grad():
+            for acc in self._accumulators():
+                acc.zero_()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the base optimizer."""
+        self._base.add_param_group(param_group)
+
+    def _commit(self) -> None:
+        for site in self._sites.values():
+            commit_site(site, self.config)
+        self._step_count.add_(1)
+
+    def _accumulators(self) -> list[Tensor]:
+        return [site.accumulator for site in self._sites.values()]
+
+    # -- controls -------------------------------------------------------------------------------
+    def set_token_mask(self, mask: Tensor | None) -> None:
+        """Exclude padded tokens: a ``[batch, seq]`` mask (1 = real token) for the next forwards.
+
+        The mask stays in force (for every micro-batch's forward and its backward) until it is
+        replaced or cleared with ``set_token_mask(None)``; pass the batch's ``attention_mask``
+        before each forward.
+        """
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}.")
+        self._runtime.token_mask = mask
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within this context the hooks do nothing: no statistics, no inhibition."""
+        before = self._runtime.paused
+        self._runtime.paused = True
+        try:
+            yield
+        finally:
+            self._runtime.paused = before
+
+    def remove_hooks(self) -> None:
+        """Detach every hook from the model (idempotent). The state stays readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for logging (this is the one method that synchronises with the device)."""
+        out: dict[str, float] = {"l2e/step": float(self._step_count)}
+        for name, site in self._sites.items():
+            out[f"l2e/{name}/threshold"] = float(site.threshold)
+            out[f"l2e/{name}/selected_fraction"] = float(site.selected_fraction)
+            out[f"l2e/{name}/nonfinite_microbatches"] = float(site.nonfinite)
+            out[f"l2e/{name}/mean_var"] = float(site.var.mean())
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus an ``"l2e"`` entry (plain types and tensors)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        out = self._base.state_dict()
+        out[L2E_KEY] = pack_l2e_state(self.config, self._step_count, self._sites)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain base optimizer's, with a warning).
+
+        The L2E entry is validated in full before anything changes; on error the wrapper and
+        the base optimizer are left as they were.
+        """
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
+        l2e = state_dict.pop(L2E_KEY, None)
+        if l2e is not None:
+            validate_l2e_state(l2e, self.config, self._sites)
+        else:
+            warnings.warn(
+                "state dict has no 'l2e' entry (a plain optimizer's?): loading the base state "
+                "and starting L2E statistics afresh.",
+                stacklevel=2,
+            )
+        self._base.load_state_dict(state_dict)
+        with torch.no_grad():
+            if l2e is not None:
+                load_l2e_state(l2e, self._step_count, self._sites)
+            else:
+                self._reset_state()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _reset_state(self) -> None:
+        tau0 = self.config.threshold_init or initial_threshold(self.config.ratio)
+        self._step_count.zero_()
+        for site in self._sites.values():
+            for key, value in site.tensors().items():
+                value.zero_()
+            site.threshold.fill_(tau0)
+            site.accumulator.zero_()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _init_hook_dicts(self) -> None:
+        # What Optimizer.__init__ sets up, minus the param groups (those are the base's).
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        sites = ", ".join(self._sites)
+        base = "\n".join("    " + line for line in repr(self._base).splitlines())
+        return (
+            f"L2EWrapper(inhibition={self.config.inhibition!r}, ratio={self.config.ratio}, "
+            f"strength={self.config.strength}, sites=[{sites}],\n  base=\n{base}\n)"
+        )
+
+
+def _module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    for param in module.parameters():
+        return param.device
+    for buffer in module.buffers():
+        return buffer.device
+    return default if default is not None else torch.device("cpu")

@@ -8,9 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 Inhibition = Literal["l2e", "memel", "none"]
+Retrieval = Literal["auto", "threshold", "batch-topk", "token-topk"]
 LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
 
 _INHIBITIONS = ("l2e", "memel", "none")
+_RETRIEVALS = ("auto", "threshold", "batch-topk", "token-topk")
 _LAYER_NAMES = ("mid-2", "mid-third", "all")
 
 
@@ -44,6 +46,11 @@ class L2EConfig:
             ``tau <- tau * exp(eta * min((r - p) / p, 9))``, r the step's selected fraction.
         threshold_init: starting threshold; ``None`` uses the chi-square(1) quantile of ``ratio``
             (the exact threshold if activations were Gaussian).
+        retrieval: which values are inhibited. ``"threshold"``: score >= the moving threshold
+            (L2E); ``"token-topk"``: each token's ``memel_topk`` highest scores (MEmeL);
+            ``"batch-topk"``: the exact top ``ratio`` of the micro-batch's scores (the in-batch
+            ranking L2E replaces; for ablations, costs a top-k per micro-batch). ``"auto"``:
+            threshold for "l2e", token-topk for "memel".
     """
 
     inhibition: Inhibition = "l2e"
@@ -59,6 +66,7 @@ class L2EConfig:
     grad_accumulation_steps: int = 1
     threshold_lr: float = 0.05
     threshold_init: float | None = None
+    retrieval: Retrieval = "auto"
 
     def __post_init__(self) -> None:
         if self.inhibition not in _INHIBITIONS:
@@ -66,6 +74,8 @@ class L2EConfig:
                 f"inhibition={self.inhibition!r} is not one of {_INHIBITIONS}; "
                 "use 'l2e' for the paper's method, 'memel' for the baseline, 'none' to monitor."
             )
+        if self.retrieval not in _RETRIEVALS:
+            raise ConfigError(f"retrieval={self.retrieval!r} is not one of {_RETRIEVALS}.")
         _check_open_unit("ratio", self.ratio, "the paper's best values are 0.01 to 0.03")
         _check_nonnegative("strength", self.strength)
         _check_nonnegative("eps", self.eps)
@@ -80,6 +90,13 @@ class L2EConfig:
         _check_int_at_least("memel_topk", self.memel_topk, 1, "")
         _check_int_at_least("grad_accumulation_steps", self.grad_accumulation_steps, 1, "")
         object.__setattr__(self, "layers", _normalise_layers(self.layers))
+
+    @property
+    def resolved_retrieval(self) -> Literal["threshold", "batch-topk", "token-topk"]:
+        """``retrieval`` with ``"auto"`` resolved for this inhibition mode."""
+        if self.retrieval != "auto":
+            return self.retrieval
+        return "token-topk" if self.inhibition == "memel" else "threshold"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (for checkpoints and logs)."""

@@ -58,7 +58,7 @@ def threshold_selection(phi: Tensor, tau: float) -> set[tuple[int, int]]:
 
 def topk_selection(phi: Tensor, k: int) -> set[tuple[int, int]]:
     """Each token's k highest-scoring neurons (MEmeL's retrieval)."""
-    picked = set()
+    picked: set[tuple[int, int]] = set()
     for t in range(phi.shape[0]):
         ranked = sorted(range(phi.shape[1]), key=lambda i: -float(phi[t, i]))
         picked.update((t, i) for i in ranked[:k])

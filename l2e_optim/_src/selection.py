@@ -48,6 +48,28 @@ def per_token_topk_mask(scores: Tensor, k: int) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
 
 
+def batch_topk_mask(scores: Tensor, ratio: float) -> Tensor:
+    """True at the exact top ``ceil(ratio * scores.numel())`` scores of the whole batch.
+
+    The in-batch global ranking that the moving threshold replaces (kept for ablations).
+    """
+    flat = scores.reshape(-1)
+    k = max(1, math.ceil(ratio * flat.numel()))
+    kth = torch.topk(flat, k, sorted=False).values.min()
+    return scores >= kth
+
+
+def retrieve(
+    scores: Tensor, retrieval: str, tau: Tensor, ratio: float, topk: int
+) -> Tensor:
+    """The values to inhibit under ``retrieval`` ("threshold", "batch-topk" or "token-topk")."""
+    if retrieval == "threshold":
+        return scores >= tau
+    if retrieval == "batch-topk":
+        return batch_topk_mask(scores, ratio)
+    return per_token_topk_mask(scores, topk)
+
+
 def initial_threshold(ratio: float) -> float:
     """Chi-square(1) upper quantile of ``ratio``: the exact threshold for Gaussian activations.
 

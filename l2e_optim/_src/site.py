@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import L2EConfig
 from .inhibition import log_ms_grad, reverse_deactivation
-from .selection import monosemanticity_scores, per_token_topk_mask
+from .selection import monosemanticity_scores, retrieve
 from .statistics import shifted_sums
 
 # Layout of a site's step accumulator (fp32, all-reduced as one block): the shifted sums
@@ -88,7 +88,7 @@ class _Tap(torch.autograd.Function):
         z: Tensor,
         valid: Tensor | None,
         site: tuple[Tensor, ...],
-        options: tuple[float, float, float, int],
+        options: tuple[float, float, float, int, str, float, int],
     ) -> Tensor:
         ctx.save_for_backward(z, valid)
         ctx.site = site
@@ -99,18 +99,20 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         z, valid = ctx.saved_tensors
         mean, var, tau, count, step, acc = ctx.site
-        eps, log_eps, coef, warmup = ctx.options
+        eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
         z2 = rearrange(z, "... n -> (...) n").float()  # [tokens, N]
         d = z2 - mean  # shift K = running mean: identical on every rank, keeps sums small
         phi = monosemanticity_scores(z2, mean, var, eps=eps)
-        selected = (phi >= tau) & (count > 0)  # nothing is monosemantic before any statistics
+        eligible = count > 0  # nothing is monosemantic before any statistics exist
         if valid is not None:
-            selected = selected & (valid[:, None] > 0)
+            eligible = eligible & (valid[:, None] > 0)
+        over = (phi >= tau) & eligible  # what the moving threshold counts, whatever inhibits
         finite = torch.isfinite(z2).all()  # a device bool: skipping costs no host sync
         tokens = valid.sum() if valid is not None else z2.new_full((), float(z2.shape[0]))
-        _accumulate(acc, d, valid, tokens, selected, finite)
+        _accumulate(acc, d, valid, tokens, over, finite)
         if coef == 0.0:
             return grad, None, None, None
+        selected = over if retrieval == "threshold" else retrieve(phi, retrieval, tau, ratio, topk) & eligible
         active = finite & (step >= warmup)
         scale = torch.where(active, coef / tokens.clamp_min(1.0), 0.0)
         extra = (scale * log_ms_grad(d, selected, log_eps)).reshape(grad.shape)
@@ -159,7 +161,15 @@ def make_hook(
         if torch.is_grad_enabled():
             coef = config.strength / config.grad_accumulation_steps if config.inhibition == "l2e" else 0.0
             tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator)
-            options = (config.eps, config.log_eps, coef, config.warmup_steps)
+            options = (
+                config.eps,
+                config.log_eps,
+                coef,
+                config.warmup_steps,
+                config.resolved_retrieval,
+                config.ratio,
+                config.memel_topk,
+            )
             out = _Tap.apply(z, valid, tensors, options)  # type: ignore[no-untyped-call]
         if config.inhibition == "memel":
             out = _memel(out, valid, site, runtime)
@@ -190,11 +200,11 @@ def make_hook(
 
 
 def _memel(z: Tensor, valid: Tensor | None, site: SiteState, runtime: SiteRuntime) -> Tensor:
-    """Reverse Deactivation of each token's top-k scores (after warm-up, once statistics exist)."""
+    """Reverse Deactivation of the retrieved values (after warm-up, once statistics exist)."""
     config = runtime.config
     z2 = rearrange(z, "... n -> (...) n")
     phi = monosemanticity_scores(z2.detach(), site.mean, site.var, eps=config.eps)
-    selected = per_token_topk_mask(phi, config.memel_topk)
+    selected = retrieve(phi, config.resolved_retrieval, site.threshold, config.ratio, config.memel_topk)
     selected = selected & (site.count > 0) & (runtime.step >= config.warmup_steps)
     if valid is not None:
         selected = selected & (valid[:, None] > 0)

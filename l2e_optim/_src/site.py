@@ -89,14 +89,16 @@ class _Tap(torch.autograd.Function):
         valid: Tensor | None,
         site: tuple[Tensor, ...],
         options: tuple[float, float, float, int, str, float, int],
+        loss_scale: Tensor | None = None,
     ) -> Tensor:
         ctx.save_for_backward(z, valid)
         ctx.site = site
         ctx.options = options
+        ctx.loss_scale = loss_scale
         return z.view_as(z)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         z, valid = ctx.saved_tensors
         mean, var, tau, count, step, acc = ctx.site
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
@@ -111,12 +113,14 @@ class _Tap(torch.autograd.Function):
         tokens = valid.sum() if valid is not None else z2.new_full((), float(z2.shape[0]))
         _accumulate(acc, d, valid, tokens, over, finite)
         if coef == 0.0:
-            return grad, None, None, None
+            return grad, None, None, None, None
         selected = over if retrieval == "threshold" else retrieve(phi, retrieval, tau, ratio, topk) & eligible
         active = finite & (step >= warmup)
         scale = torch.where(active, coef / tokens.clamp_min(1.0), 0.0)
+        if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
+            scale = scale * ctx.loss_scale
         extra = (scale * log_ms_grad(d, selected, log_eps)).reshape(grad.shape)
-        return grad + extra.to(grad.dtype), None, None, None
+        return grad + extra.to(grad.dtype), None, None, None, None
 
 
 def _accumulate(
@@ -140,6 +144,16 @@ class SiteRuntime:
         self.step = step
         self.paused = False
         self.token_mask: Tensor | None = None
+        self.grad_scaler: torch.amp.GradScaler | None = None
+
+    def loss_scale(self) -> Tensor | None:
+        """The registered GradScaler's scale tensor (None without an enabled scaler)."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        # The private `_scale` is GradScaler's device tensor, updated in place by update() and
+        # load_state_dict(); get_scale() would copy it to the host (a sync) on every forward.
+        return scaler._scale
 
 
 def make_hook(
@@ -170,7 +184,7 @@ def make_hook(
                 config.ratio,
                 config.memel_topk,
             )
-            out = _Tap.apply(z, valid, tensors, options)  # type: ignore[no-untyped-call]
+            out = _Tap.apply(z, valid, tensors, options, runtime.loss_scale())  # type: ignore[no-untyped-call]
         if config.inhibition == "memel":
             out = _memel(out, valid, site, runtime)
         return out

@@ -197,6 +197,20 @@ class L2EWrapper(torch.optim.Optimizer):
             raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}.")
         self._runtime.token_mask = mask
 
+    def set_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Register the ``torch.amp.GradScaler`` that scales the loss (``None`` unregisters it).
+
+        The L2E gradient is added in backward, next to the loss's gradient, which the scaler has
+        multiplied by its scale S; ``unscale_`` then divides every gradient by S. Registered, the
+        L2E gradient is multiplied by S too, so it survives ``unscale_`` intact; unregistered, it
+        would arrive divided by S. Pass this very wrapper to ``unscale_`` and ``step``.
+        """
+        if scaler is not None and scaler.is_enabled():
+            # scale() creates the scaler's scale tensor on first use; do it now, so that the
+            # very first forward already sees it.
+            scaler.scale(torch.ones((), device=self._step_count.device))
+        self._runtime.grad_scaler = scaler
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Within this context the hooks do nothing: no statistics, no inhibition."""

@@ -3,6 +3,7 @@
 The public API is exactly ``__all__``; everything under ``l2e_optim._src`` is private.
 """
 
+from ._src.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from ._src.config import ConfigError, L2EConfig
 from ._src.discovery import SiteDiscoveryError
 from ._src.metrics import false_killing_rate, neuron_features
@@ -16,11 +17,14 @@ __all__ = [
     "ConfigError",
     "L2EConfig",
     "L2EWrapper",
+    "LoadedCheckpoint",
     "SiteDiscoveryError",
     "SiteState",
     "false_killing_rate",
+    "load_checkpoint",
     "monosemanticity_scores",
     "neuron_features",
+    "save_checkpoint",
 ]
 
 __version__ = "0.1.0"

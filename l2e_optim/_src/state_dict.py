@@ -93,6 +93,66 @@ def validate_site(prefix: str, saved: Any, neurons: int) -> None:
         _check_tensor(f"{prefix}.{key}", saved.get(key), shape, dtype, nonnegative)
 
 
+def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer, prefix: str = "") -> None:
+    """Check a base optimizer state dict against ``optimizer`` before it is loaded.
+
+    ``Optimizer.load_state_dict`` checks group sizes only and accepts state of any shape (the
+    next ``step()`` fails, or worse, broadcasts); this checks the groups, that every state entry
+    belongs to a saved parameter, and each state tensor's finiteness and shape.
+    """
+    groups = state_dict.get("param_groups")
+    state = state_dict.get("state")
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+        raise CheckpointError(f"{prefix}param_groups: missing or not a list of dicts")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{prefix}state: missing or not a dict")
+    live = optimizer.param_groups
+    if len(groups) != len(live):
+        raise CheckpointError(f"{prefix}param_groups: {len(groups)} groups saved, the optimizer has {len(live)}")
+    params: dict[Any, Tensor] = {}
+    for index, (saved, group) in enumerate(zip(groups, live)):
+        ids = saved.get("params")
+        if not isinstance(ids, list) or len(ids) != len(group["params"]):
+            count = len(ids) if isinstance(ids, list) else ids
+            raise CheckpointError(
+                f"{prefix}param_groups.{index}.params: {count} parameters saved, the optimizer's "
+                f"group has {len(group['params'])}; was it saved from another model?"
+            )
+        params.update(zip(ids, group["params"]))
+    elementwise = isinstance(optimizer, _ELEMENTWISE)
+    for pid, entry in state.items():
+        if pid not in params:
+            raise CheckpointError(f"{prefix}state.{pid}: state for a parameter id that no group lists")
+        if not isinstance(entry, Mapping):
+            raise CheckpointError(f"{prefix}state.{pid}: expected a dict, got {type(entry).__name__}")
+        live_state = optimizer.state.get(params[pid])
+        _check_param_state(f"{prefix}state.{pid}", entry, params[pid], live_state, elementwise)
+
+
+# torch.optim classes whose per-parameter state tensors are all 0-dim or shaped like the parameter.
+_ELEMENTWISE = tuple(
+    getattr(torch.optim, name)
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
+)
+
+
+def _check_param_state(prefix: str, entry: Mapping[str, Any], param: Tensor, live: Any, elementwise: bool) -> None:
+    for key, value in entry.items():
+        if not isinstance(value, Tensor):
+            continue
+        name = f"{prefix}.{key}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{name}: contains NaN or inf")
+        # The live state, where the optimizer has stepped, is the best witness of the shape.
+        known = live.get(key) if isinstance(live, Mapping) else None
+        if isinstance(known, Tensor):
+            expected: tuple[int, ...] | None = tuple(known.shape)
+        else:
+            expected = tuple(param.shape) if elementwise and value.dim() > 0 else None
+        if expected is not None and tuple(value.shape) != expected:
+            raise CheckpointError(f"{name}: shape {tuple(value.shape)}, expected {expected}")
+
+
 def _check_tensor(key: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, nonnegative: bool) -> None:
     if value is None:
         raise CheckpointError(f"{key}: missing")

@@ -20,7 +20,7 @@ from .discovery import SiteDiscoveryError, SiteSelector, resolve_sites, site_wid
 from .distributed import start_all_reduce
 from .selection import initial_threshold
 from .site import SiteRuntime, SiteState, make_hook
-from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_l2e_state
+from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_base_state, validate_l2e_state
 
 Tap = Literal["input", "output"]
 
@@ -253,8 +253,9 @@ class L2EWrapper(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain base optimizer's, with a warning).
 
-        The L2E entry is validated in full before anything changes; on error the wrapper and
-        the base optimizer are left as they were.
+        The L2E entry and the base part (groups, parameter counts, state shapes, finiteness) are
+        validated in full before anything changes; on error (:class:`CheckpointError`) the
+        wrapper and the base optimizer are left as they were.
         """
         state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -262,6 +263,7 @@ class L2EWrapper(torch.optim.Optimizer):
             if result is not None:
                 state_dict = dict(result)
         l2e = state_dict.pop(L2E_KEY, None)
+        validate_base_state(state_dict, self._base)
         if l2e is not None:
             validate_l2e_state(l2e, self.config, self._sites)
         else:

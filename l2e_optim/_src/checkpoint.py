@@ -1,0 +1,325 @@
+"""save_checkpoint / load_checkpoint: model, optimizer (with L2E state) and scheduler in one
+safetensors file. No pickle: loading a file never runs code.
+
+Layout: tensors under flat dotted keys (``model.<name>``, ``optimizer.state.<id>.<key>``,
+``optimizer.l2e.sites.<site>.<key>``, ``scheduler...``); the header metadata holds JSON strings
+(``optimizer.param_groups``, ``optimizer.state``, ``optimizer.l2e`` with the L2E config,
+``scheduler``, ``model``, ``user``) and ``format`` / ``format_version``. Loading validates the
+whole file against the live objects first and only then mutates them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .flat_tree import flatten, unflatten
+from .state_dict import L2E_KEY, CheckpointError, pack_l2e_state, validate_base_state, validate_l2e_state
+from .wrapper import L2EWrapper
+
+FORMAT = "l2e_optim.checkpoint"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a larger length is garbage
+_OPTIMIZER = "optimizer"
+
+Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau: anything with state_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns.
+
+    Attributes:
+        metadata: the ``metadata`` given to :func:`save_checkpoint` (JSON types), ``{}`` if none.
+        missing_keys: what this model / optimizer / scheduler has that the file lacks
+            (only with ``strict=False``; those parts were left as they were).
+        unexpected_keys: what the file holds that nothing here takes (only with ``strict=False``).
+    """
+
+    metadata: dict[str, Any]
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer,
+    *,
+    model: nn.Module | None = None,
+    scheduler: Scheduler | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``optimizer`` (an :class:`L2EWrapper` or any optimizer), and optionally ``model``,
+    ``scheduler`` and JSON-able user ``metadata``, to one safetensors file at ``path``.
+
+    The write is atomic: a temporary file in the same folder is written, fsynced and renamed
+    over ``path``, so a crash mid-save leaves any earlier file at ``path`` intact.
+    Raises :class:`CheckpointError` if some state cannot be stored (e.g. a non-JSON value).
+    """
+    path = os.fspath(path)
+    tensors: dict[str, Tensor] = {}
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    for key, value in optimizer.state_dict().items():
+        header[f"{_OPTIMIZER}.{key}"] = _dumps(flatten(value, f"{_OPTIMIZER}.{key}", tensors), key)
+    if model is not None:
+        header["model"] = _dumps(flatten(dict(model.state_dict()), "model", tensors), "model")
+    if scheduler is not None:
+        header["scheduler"] = _dumps(flatten(scheduler.state_dict(), "scheduler", tensors), "scheduler")
+    header["user"] = _dumps(dict(metadata or {}), "metadata")
+    _atomic_save(path, tensors, header)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer,
+    *,
+    model: nn.Module | None = None,
+    scheduler: Scheduler | None = None,
+    strict: bool = True,
+) -> LoadedCheckpoint:
+    """Load a file written by :func:`save_checkpoint` into ``optimizer``, ``model``, ``scheduler``.
+
+    Everything is validated first (header, format version, keys, shapes, dtypes, finiteness,
+    parameter groups and counts, L2E sites); only then are the objects changed. Any problem
+    raises :class:`CheckpointError` naming the file and the key, with every object exactly as
+    it was. ``strict=False`` forgives a file that describes different things (model keys, L2E
+    sites, an L2E entry, a scheduler present on one side only), loads what matches and lists
+    the rest in the result; it never forgives a damaged file. Parts not passed (``model=None``)
+    are not loaded. Never calls ``torch.load`` or ``pickle``.
+    """
+    path = os.fspath(path)
+    try:
+        header, tensors = _read(path)
+        plan = _Plan(strict)
+        used: set[str] = set()
+        plan.optimizer = _plan_optimizer(header, tensors, used, optimizer, plan)
+        if model is not None:
+            plan.model = _plan_model(header, tensors, used, model, plan)
+        if scheduler is not None:
+            plan.scheduler = _plan_scheduler(header, tensors, used, scheduler, plan)
+        user = _loads(header, "user")
+        for key in sorted(set(tensors) - used):
+            plan.unexpected(key, "a tensor that no header entry refers to")
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    # Nothing above changed any object; from here on nothing can fail on the file's account.
+    if model is not None:
+        with torch.no_grad():
+            model.load_state_dict(plan.model, strict=False)
+    optimizer.load_state_dict(plan.optimizer)
+    if scheduler is not None and plan.scheduler is not None:
+        scheduler.load_state_dict(plan.scheduler)
+    return LoadedCheckpoint(user, tuple(plan.missing), tuple(plan.extra))
+
+
+class _Plan:
+    """The validated state to load, and what strict=False let through."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.missing: list[str] = []
+        self.extra: list[str] = []
+        self.optimizer: dict[str, Any] = {}
+        self.model: dict[str, Tensor] = {}
+        self.scheduler: dict[str, Any] | None = None
+
+    def missing_key(self, key: str, why: str) -> None:
+        if self.strict:
+            raise CheckpointError(f"{key}: missing ({why}); strict=False loads the rest")
+        self.missing.append(key)
+
+    def unexpected(self, key: str, why: str) -> None:
+        if self.strict:
+            raise CheckpointError(f"{key}: unexpected ({why}); strict=False ignores it")
+        self.extra.append(key)
+
+
+def _plan_optimizer(
+    header: Mapping[str, str], tensors: Mapping[str, Tensor], used: set[str],
+    optimizer: torch.optim.Optimizer, plan: _Plan,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for meta_key in header:
+        if meta_key.startswith(f"{_OPTIMIZER}."):
+            state[meta_key[len(_OPTIMIZER) + 1 :]] = unflatten(_loads(header, meta_key), tensors, used, meta_key)
+    is_wrapper = isinstance(optimizer, L2EWrapper)
+    if is_wrapper:
+        _plan_l2e(state, optimizer, plan)  # type: ignore[arg-type]
+    elif L2E_KEY in state:
+        plan.unexpected(f"{_OPTIMIZER}.{L2E_KEY}", "L2E state, and the optimizer is not an L2EWrapper")
+        del state[L2E_KEY]
+    base = optimizer.base_optimizer if isinstance(optimizer, L2EWrapper) else optimizer
+    validate_base_state(state, base, prefix=f"{_OPTIMIZER}.")
+    return state
+
+
+def _plan_l2e(state: dict[str, Any], wrapper: L2EWrapper, plan: _Plan) -> None:
+    """Validate the L2E entry; with strict=False, fill what it lacks from the live state."""
+    live = pack_l2e_state(wrapper.config, wrapper.step_count, wrapper.sites)
+    prefix = f"{_OPTIMIZER}.{L2E_KEY}"
+    if L2E_KEY not in state:
+        plan.missing_key(prefix, "saved from a plain optimizer")
+        state[L2E_KEY] = live
+    entry = state[L2E_KEY]
+    saved_sites = entry.get("sites") if isinstance(entry, dict) else None
+    if not plan.strict and isinstance(saved_sites, dict):
+        for name in sorted(set(live["sites"]) - set(saved_sites)):
+            plan.missing_key(f"{prefix}.sites.{name}", "a site of this model the file lacks")
+            saved_sites[name] = live["sites"][name]
+        for name in sorted(set(saved_sites) - set(live["sites"])):
+            plan.unexpected(f"{prefix}.sites.{name}", "a site this model lacks")
+            del saved_sites[name]
+    with warnings.catch_warnings():
+        # The wrapper's own load_state_dict warns about a differing config, once, when applied.
+        warnings.simplefilter("ignore")
+        try:
+            validate_l2e_state(entry, wrapper.config, wrapper.sites)
+        except CheckpointError as error:
+            raise CheckpointError(f"{_OPTIMIZER}.{error}") from error
+
+
+def _plan_model(
+    header: Mapping[str, str], tensors: Mapping[str, Tensor], used: set[str], model: nn.Module, plan: _Plan
+) -> dict[str, Tensor]:
+    if "model" not in header:
+        plan.missing_key("model", "the file holds no model")
+        return {}
+    saved = unflatten(_loads(header, "model"), tensors, used, "model")
+    if not isinstance(saved, dict) or not all(isinstance(v, Tensor) for v in saved.values()):
+        raise CheckpointError("model: expected a flat dict of tensors")
+    live = model.state_dict()
+    for name in live:
+        if name not in saved:
+            plan.missing_key(f"model.{name}", "a model entry the file lacks")
+    for name in saved:
+        if name not in live:
+            plan.unexpected(f"model.{name}", "the model has no such entry")
+    out = {name: value for name, value in saved.items() if name in live}
+    for name, value in out.items():
+        target = live[name]
+        if value.shape != target.shape:
+            raise CheckpointError(
+                f"model.{name}: shape {tuple(value.shape)}, the model has {tuple(target.shape)}; "
+                "was it saved from another model?"
+            )
+        if value.dtype != target.dtype:
+            raise CheckpointError(
+                f"model.{name}: dtype {value.dtype}, the model has {target.dtype}; load into a "
+                "model of the saved dtype, then cast"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"model.{name}: contains NaN or inf")
+    return out
+
+
+def _plan_scheduler(
+    header: Mapping[str, str], tensors: Mapping[str, Tensor], used: set[str], scheduler: Scheduler, plan: _Plan
+) -> dict[str, Any] | None:
+    if "scheduler" not in header:
+        plan.missing_key("scheduler", "the file holds no scheduler state")
+        return None
+    saved = unflatten(_loads(header, "scheduler"), tensors, used, "scheduler")
+    _same_structure(saved, scheduler.state_dict(), "scheduler")
+    return saved  # type: ignore[no-any-return]
+
+
+def _same_structure(saved: Any, live: Any, path: str) -> None:
+    """Dict keys and list lengths agree (so e.g. SequentialLR's load cannot fail half-way)."""
+    if isinstance(live, Mapping):
+        if not isinstance(saved, Mapping) or set(saved) != set(live):
+            have = sorted(map(str, saved)) if isinstance(saved, Mapping) else type(saved).__name__
+            raise CheckpointError(f"{path}: keys {have}, expected {sorted(map(str, live))}")
+        for key in live:
+            _same_structure(saved[key], live[key], f"{path}.{key}")
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            raise CheckpointError(f"{path}: expected a list of {len(live)} entries")
+        for i, (a, b) in enumerate(zip(saved, live)):
+            _same_structure(a, b, f"{path}.{i}")
+
+
+def _read(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Header metadata and all tensors (CPU), after checking the file is a sane safetensors file."""
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            prefix = file.read(8)
+    except OSError as error:
+        raise CheckpointError(f"header: cannot read the file ({error})") from error
+    if size == 0:
+        raise CheckpointError("header: the file is empty")
+    if len(prefix) < 8:
+        raise CheckpointError(f"header: truncated ({size} bytes, less than the 8-byte length)")
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_HEADER_BYTES:
+        raise CheckpointError(f"header: declares {length} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + length > size:
+        raise CheckpointError(f"header: truncated (declares {length} bytes, the file has {size - 8})")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            header = file.metadata()
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:  # SafetensorError and friends: corrupt or truncated data
+        raise CheckpointError(f"header: not a valid safetensors file ({error})") from error
+    if not header or header.get("format") != FORMAT:
+        raise CheckpointError(f"header.format: not an l2e_optim checkpoint (format {header and header.get('format')!r})")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"format_version: {header.get('format_version')!r} is not the supported version "
+            f"{FORMAT_VERSION}; use the l2e_optim release that wrote the file"
+        )
+    return dict(header), tensors
+
+
+def _loads(header: Mapping[str, str], key: str) -> Any:
+    try:
+        return json.loads(header[key])
+    except KeyError:
+        raise CheckpointError(f"{key}: missing from the header metadata") from None
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{key}: invalid JSON in the header metadata ({error})") from error
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{what}: cannot be stored as JSON ({error})") from error
+
+
+def _atomic_save(path: str, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    # Makes the rename itself durable; not every platform can open a folder (Windows).
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+

@@ -1,0 +1,341 @@
+"""L2E under torch.distributed: DDP and FSDP2 with 2 real gloo processes on CPU.
+
+Each spawned job runs several checks (process start-up is the cost). Workers write what they
+saw with ``torch.save``; the parent compares the ranks with each other and with a single-process
+run on the concatenated global batch. Rank ``r`` trains on rows ``[r*B/2, (r+1)*B/2)`` of every
+global batch, so the two ranks always see different data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import batches, stdlib_bytes, tiny_gpt_neox
+from l2e_optim import L2EConfig, L2EWrapper
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+GLOBAL_BATCH, SEQ = 4, 17
+DDP_STEPS, FSDP_STEPS, RESUME_STEPS = 10, 5, 3
+# warmup 2 and a visible strength: the L2E gradient is live for most of the steps compared.
+CONFIG = L2EConfig(strength=0.05, warmup_steps=2, ratio=0.05)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# -- models, data, loops (shared by the workers and the single-process reference) --------------
+class OddBlock(nn.Module):
+    """An MLP block whose hidden width (37) does not split evenly over 2 ranks."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.act(self.up(self.norm(x))))
+
+
+class OddLM(nn.Module):
+    """Embedding (251 rows), 4 OddBlocks, head (251 rows): odd row counts for FSDP2 sharding."""
+
+    def __init__(self, seed: int = 0, vocab: int = 251, width: int = 16, hidden: int = 37) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(OddBlock(width, hidden) for _ in range(4))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        out: torch.Tensor = self.head(x)
+        return out
+
+
+def odd_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    ids = ids % 251
+    logits = model(ids[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def hf_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    loss: torch.Tensor = model(input_ids=ids, labels=ids).loss
+    return loss
+
+
+def global_batches(steps: int, skip: int = 0) -> list[torch.Tensor]:
+    """The same global batches in every process (deterministic in the seed)."""
+    stream: Iterator[torch.Tensor] = batches(stdlib_bytes(60_000), GLOBAL_BATCH, SEQ, seed=7)
+    out = [next(stream) for _ in range(skip + steps)]
+    return out[skip:]
+
+
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    data: list[torch.Tensor],
+    rank: int = 0,
+    world: int = 1,
+) -> None:
+    for ids in data:
+        local = ids.chunk(world)[rank]
+        opt.zero_grad()
+        loss_fn(model, local).backward()
+        opt.step()
+
+
+def make_opt(model: nn.Module, config: L2EConfig = CONFIG, **kwargs: Any) -> L2EWrapper:
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return L2EWrapper(base, model, config=config, **kwargs)
+
+
+def l2e_state(opt: L2EWrapper, strip: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        name.removeprefix(strip): {k: v.detach().clone() for k, v in site.tensors().items()}
+        for name, site in opt.sites.items()
+    }
+
+
+class AllReduceCounter:
+    """Patches ``torch.distributed.all_reduce`` (what the wrapper calls) to record each call."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self._original = dist.all_reduce
+
+    def __enter__(self) -> AllReduceCounter:
+        def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.sizes.append(tensor.numel())
+            return self._original(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self._original
+
+
+def accumulator_numel(opt: L2EWrapper) -> int:
+    return sum(site.accumulator.numel() for site in opt.sites.values())
+
+
+# -- spawning -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def launch(job: str, out: pathlib.Path) -> list[dict[str, Any]]:
+    """Run ``JOBS[job]`` on 2 gloo ranks; return what each rank saved."""
+    mp.start_processes(_entry, args=(job, free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+    return [torch.load(out / f"{job}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _entry(rank: int, job: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        result = JOBS[job](rank, pathlib.Path(out))
+        torch.save(result, pathlib.Path(out) / f"{job}_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# -- jobs (run on every rank) ---------------------------------------------------------------
+def ddp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    result: dict[str, Any] = {}
+    data = global_batches(DDP_STEPS)
+    for broadcast in (False, True):
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates the name in favour of forward_sync_buffers; same behaviour.
+            warnings.simplefilter("ignore", FutureWarning)
+            model = DDP(tiny_gpt_neox(layers=4), broadcast_buffers=broadcast)
+        opt = make_opt(model)  # built on the DDP wrapper, as a user would
+        with AllReduceCounter() as counter:
+            train(model, opt, hf_loss, data, rank, WORLD)
+        buffers = {t.data_ptr() for t in model.buffers()}
+        tag = f"broadcast_{broadcast}"
+        result[tag] = {
+            "l2e": l2e_state(opt, strip="module."),
+            "step": opt.step_count.clone(),
+            "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+            "allreduce_sizes": torch.tensor(counter.sizes, dtype=torch.int64),
+            "accumulator_numel": accumulator_numel(opt),
+            "l2e_in_buffers": any(
+                t.data_ptr() in buffers for s in opt.sites.values() for t in s.tensors().values()
+            ),
+        }
+    # process_group= selects the group: singleton groups leave each rank's statistics local.
+    singles, _ = dist.new_subgroups(1)
+    model = OddLM()
+    opt = make_opt(model, process_group=singles)
+    with AllReduceCounter() as counter:
+        train(model, opt, odd_loss, data[:2], rank, WORLD)
+    result["singleton_group"] = {"l2e": l2e_state(opt), "allreduce_calls": len(counter.sizes)}
+    return result
+
+
+def fsdp_model(seed: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = OddLM(seed=seed)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def fsdp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    model = fsdp_model(seed=0)
+    opt = make_opt(model)  # built after fully_shard: DTensor parameters and optimizer state
+    with AllReduceCounter() as counter:
+        train(model, opt, odd_loss, global_batches(FSDP_STEPS), rank, WORLD)
+    result: dict[str, Any] = {
+        "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+        "local_rows": {n: p.to_local().shape[0] for n, p in model.named_parameters()},  # type: ignore[attr-defined]
+        "l2e": l2e_state(opt),
+        "params": full_params(model),
+        "allreduce_sizes": torch.tensor(counter.sizes, dtype=torch.int64),
+        "accumulator_numel": accumulator_numel(opt),
+    }
+    return result
+
+
+JOBS: dict[str, Callable[[int, pathlib.Path], dict[str, Any]]] = {"ddp": ddp_job, "fsdp": fsdp_job}
+
+
+# -- comparisons ----------------------------------------------------------------------------
+def assert_l2e_equal(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Bit-identical L2E state (ranks of one job reduce the very same sums)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key} differs between ranks"
+
+
+def assert_l2e_close(got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Equal up to summation order: counts exactly, floats to fp32 rounding."""
+    assert got.keys() == want.keys()
+    for name in want:
+        for key, value in want[name].items():
+            if value.dtype == torch.int64:
+                assert torch.equal(got[name][key], value), f"{name}.{key}"
+            else:
+                torch.testing.assert_close(got[name][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}.{key}: {m}")
+
+
+def assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def single_process(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    steps: int,
+    config: L2EConfig = CONFIG,
+) -> tuple[L2EWrapper, int]:
+    """The reference: one process, the concatenated global batch; counts all_reduce calls."""
+    opt = make_opt(model, config)
+    with AllReduceCounter() as counter:
+        train(model, opt, loss_fn, global_batches(steps))
+    return opt, len(counter.sizes)
+
+
+# -- tests ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return launch("ddp", tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_matches_single_process_on_global_batch(ddp_ranks: list[dict[str, Any]]) -> None:
+    ranks = ddp_ranks
+    reference = tiny_gpt_neox(layers=4)
+    opt, calls = single_process(reference, hf_loss, DDP_STEPS)
+    assert calls == 0  # no process group: nothing extra
+    want_l2e = l2e_state(opt)
+    want_params = {n: p.detach() for n, p in reference.named_parameters()}
+    assert all(float(s.selected_fraction) > 0 for s in opt.sites.values())  # L2E really selected
+    # The L2E gradient moves the parameters far beyond the tolerance used below, so a rank-local
+    # or mis-scaled L2E gradient could not pass.
+    control = tiny_gpt_neox(layers=4)
+    single_process(control, hf_loss, DDP_STEPS, dataclasses.replace(CONFIG, strength=0.0))
+    moved = max((p - want_params[n]).abs().max().item() for n, p in control.named_parameters())
+    assert moved > 1e-3
+    for tag in ("broadcast_False", "broadcast_True"):
+        r0, r1 = ranks[0][tag], ranks[1][tag]
+        assert_l2e_equal(r0["l2e"], r1["l2e"])
+        for name in r0["params"]:
+            assert torch.equal(r0["params"][name], r1["params"][name]), name
+        assert_l2e_close(r0["l2e"], want_l2e)
+        assert_params_close(r0["params"], want_params)
+        assert int(r0["step"]) == DDP_STEPS
+        # Exactly one all_reduce per step, carrying every site's accumulator at once.
+        assert r0["allreduce_sizes"].tolist() == [r0["accumulator_numel"]] * DDP_STEPS
+        assert not r0["l2e_in_buffers"]
+    # broadcast_buffers=True changes nothing.
+    assert_l2e_equal(ranks[0]["broadcast_True"]["l2e"], ranks[0]["broadcast_False"]["l2e"])
+    for name, value in ranks[0]["broadcast_True"]["params"].items():
+        assert torch.equal(value, ranks[0]["broadcast_False"]["params"][name]), name
+
+
+def test_process_group_option_selects_the_group(ddp_ranks: list[dict[str, Any]]) -> None:
+    local = [r["singleton_group"] for r in ddp_ranks]
+    assert local[0]["allreduce_calls"] == 0 and local[1]["allreduce_calls"] == 0
+    name = next(iter(local[0]["l2e"]))
+    assert not torch.equal(local[0]["l2e"][name]["mean"], local[1]["l2e"][name]["mean"])
+
+
+def test_fsdp2_matches_single_process(tmp_path: pathlib.Path) -> None:
+    ranks = launch("fsdp", tmp_path)
+    reference = OddLM(seed=0)
+    opt, _ = single_process(reference, odd_loss, FSDP_STEPS)
+    r0, r1 = ranks
+    assert r0["sharded"] and r1["sharded"]
+    # The 37-row up projections and 251-row embedding/head split unevenly (19 + 18, 126 + 125).
+    assert r0["local_rows"]["blocks.1.up.weight"] == 19 and r1["local_rows"]["blocks.1.up.weight"] == 18
+    assert r0["local_rows"]["head.weight"] + r1["local_rows"]["head.weight"] == 251
+    assert_l2e_equal(r0["l2e"], r1["l2e"])
+    assert_l2e_close(r0["l2e"], l2e_state(opt))
+    assert_params_close(r0["params"], {n: p.detach() for n, p in reference.named_parameters()})
+    assert r0["allreduce_sizes"].tolist() == [r0["accumulator_numel"]] * FSDP_STEPS

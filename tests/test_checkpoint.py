@@ -1,0 +1,321 @@
+"""Checkpoints: bit-exact resume through safetensors and torch.save, bad files rejected with
+the state untouched, atomic writes, no pickle on load, strict=False, plain-optimizer interop."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pathlib
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from conftest import batches, stdlib_bytes, tiny_gpt_neox, tiny_llama
+from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
+from l2e_optim._src import checkpoint as checkpoint_module
+
+torch.set_num_threads(1)
+WARMUP, BEFORE, AFTER = 2, 4, 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    dtype: torch.dtype = torch.float32
+    groups: int = 1
+    inhibition: str = "l2e"
+
+
+CASES = [
+    Case("fp32"),
+    Case("bf16", dtype=torch.bfloat16),
+    Case("two-groups", groups=2),
+    Case("memel", inhibition="memel"),
+    Case("none", inhibition="none"),
+]
+
+
+@dataclasses.dataclass
+class Run:
+    model: nn.Module
+    opt: L2EWrapper
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+
+def build(case: Case, seed: int, hidden: int = 32, **config: Any) -> Run:
+    model = tiny_gpt_neox(hidden=hidden, seed=seed).to(case.dtype)
+    if case.groups == 2:
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        vectors = [p for p in model.parameters() if p.dim() < 2]
+        base = torch.optim.AdamW(
+            [{"params": matrices}, {"params": vectors, "lr": 3e-3, "weight_decay": 0.0}], lr=1e-3
+        )
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    settings: dict[str, Any] = {"inhibition": case.inhibition, "warmup_steps": WARMUP, "strength": 0.1}
+    opt = L2EWrapper(base, model, config=L2EConfig(**(settings | config)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / 3))
+    return Run(model, opt, sched)
+
+
+def data(steps: int) -> list[Tensor]:
+    source = batches(stdlib_bytes(40_000), 4, 24, seed=1)
+    return [next(source) for _ in range(steps)]
+
+
+def train(run: Run, inputs: list[Tensor]) -> None:
+    for ids in inputs:
+        run.model(ids, labels=ids).loss.backward()
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad()
+
+
+def snapshot(run: Run) -> dict[str, Any]:
+    """Everything a load could change, cloned."""
+    sites = {name: {k: v.clone() for k, v in s.tensors().items()} for name, s in run.opt.sites.items()}
+    return {
+        "model": {k: v.clone() for k, v in run.model.state_dict().items()},
+        "opt": _clone(run.opt.base_optimizer.state_dict()),
+        "sites": sites,
+        "step": run.opt.step_count.clone(),
+        "sched": _clone(run.sched.state_dict()),
+    }
+
+
+def _clone(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone(v) for v in tree)
+    return tree
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Exact equality of nested state: tensors torch.equal with the same dtype, the rest ==."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}.{i}")
+    else:
+        assert a == b, path
+
+
+def assert_inhibiting(run: Run) -> None:
+    assert int(run.opt.step_count) >= WARMUP
+    assert any(float(s.selected_fraction) > 0 for s in run.opt.sites.values())
+
+
+def resume_and_compare(case: Case, save: Callable[[Run], Any], load: Callable[[Any, Run], None]) -> Run:
+    inputs = data(BEFORE + AFTER)
+    straight = build(case, seed=0)
+    train(straight, inputs)
+    interrupted = build(case, seed=0)
+    train(interrupted, inputs[:BEFORE])
+    assert_inhibiting(interrupted)
+    saved = save(interrupted)
+    resumed = build(case, seed=7)  # different initial weights: the load must overwrite them
+    load(saved, resumed)
+    train(resumed, inputs[BEFORE:])
+    assert_same(snapshot(resumed), snapshot(straight))
+    return resumed
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_resume_through_safetensors_is_bit_exact(case: Case, tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "ckpt.safetensors"
+
+    def save(run: Run) -> pathlib.Path:
+        save_checkpoint(path, run.opt, model=run.model, scheduler=run.sched, metadata={"step": BEFORE})
+        return path
+
+    def load(saved: pathlib.Path, run: Run) -> None:
+        result = load_checkpoint(saved, run.opt, model=run.model, scheduler=run.sched)
+        assert result.metadata == {"step": BEFORE}
+        assert result.missing_keys == () and result.unexpected_keys == ()
+
+    resumed = resume_and_compare(case, save, load)
+    for site in resumed.opt.sites.values():  # a bf16 model's statistics stay fp32, counts int64
+        assert site.mean.dtype == site.var.dtype == site.threshold.dtype == torch.float32
+        assert site.count.dtype == site.nonfinite.dtype == torch.int64
+    with safe_open(str(path), framework="pt") as file:
+        name = next(iter(resumed.opt.sites))
+        assert file.get_tensor(f"optimizer.l2e.sites.{name}.var").dtype == torch.float32
+        assert file.get_tensor(f"optimizer.l2e.sites.{name}.count").dtype == torch.int64
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=lambda c: c.name)
+def test_resume_through_torch_save_weights_only_is_bit_exact(case: Case) -> None:
+    def save(run: Run) -> bytes:
+        buffer = io.BytesIO()
+        state = {"model": run.model.state_dict(), "opt": run.opt.state_dict(), "sched": run.sched.state_dict()}
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    def load(saved: bytes, run: Run) -> None:
+        state = torch.load(io.BytesIO(saved), weights_only=True)
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["opt"])
+        run.sched.load_state_dict(state["sched"])
+
+    resume_and_compare(case, save, load)
+
+
+# -- bad files -------------------------------------------------------------------------------
+
+SITE = "gpt_neox.layers.1.mlp.dense_4h_to_h"
+STAT = f"optimizer.l2e.sites.{SITE}"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[pathlib.Path, Run]]:
+    """A good checkpoint, and a target (trained a little, so its state is not blank) to load into."""
+    folder = tmp_path_factory.mktemp("good")
+    source = build(CASES[0], seed=0)
+    train(source, data(BEFORE))
+    path = folder / "good.safetensors"
+    save_checkpoint(path, source.opt, model=source.model, scheduler=source.sched)
+    target = build(CASES[0], seed=3)
+    train(target, data(1))
+    yield path, target
+
+
+def read(path: pathlib.Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as file:
+        return {k: file.get_tensor(k) for k in file.keys()}, dict(file.metadata())
+
+
+def rewrite(edit: Callable[[dict[str, Tensor], dict[str, str]], None]) -> Callable[[pathlib.Path, pathlib.Path], None]:
+    def make(good: pathlib.Path, bad: pathlib.Path) -> None:
+        tensors, meta = read(good)
+        edit(tensors, meta)
+        save_file(tensors, str(bad), metadata=meta)
+
+    return make
+
+
+def raw(edit: Callable[[bytes], bytes]) -> Callable[[pathlib.Path, pathlib.Path], None]:
+    return lambda good, bad: bad.write_bytes(edit(good.read_bytes()))
+
+
+def from_model(make_run: Callable[[], Run]) -> Callable[[pathlib.Path, pathlib.Path], None]:
+    def make(good: pathlib.Path, bad: pathlib.Path) -> None:
+        run = make_run()
+        train(run, data(1))
+        save_checkpoint(bad, run.opt, model=run.model, scheduler=run.sched)
+
+    return make
+
+
+def _set(key: str, change: Callable[[Tensor], Tensor]) -> Callable[[dict[str, Tensor], dict[str, str]], None]:
+    def edit(tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        tensors[key] = change(tensors[key].clone())
+
+    return edit
+
+
+def _poke(index: int, value: float) -> Callable[[Tensor], Tensor]:
+    def change(t: Tensor) -> Tensor:
+        t.view(-1)[index] = value
+        return t
+
+    return change
+
+
+def _llama_run() -> Run:
+    model = tiny_llama(seed=0)
+    opt = L2EWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3), model, config=L2EConfig(warmup_steps=WARMUP))
+    return Run(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0))
+
+
+BAD_FILES: list[tuple[str, Callable[[pathlib.Path, pathlib.Path], None], str]] = [
+    ("empty", raw(lambda b: b""), "header: the file is empty"),
+    ("truncated", raw(lambda b: b[: len(b) // 2]), "header"),
+    ("random-bytes", raw(lambda b: bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist())), "header"),
+    ("header-too-large", raw(lambda b: (1 << 40).to_bytes(8, "little") + b[8:]), "header: declares"),
+    ("bad-json", rewrite(lambda t, m: m.update({"optimizer.state": "{not json"})), "optimizer.state: invalid JSON"),
+    ("format-version", rewrite(lambda t, m: m.update({"format_version": "99"})), "format_version: '99'"),
+    ("not-ours", rewrite(lambda t, m: m.pop("format")), "header.format"),
+    ("missing-key", rewrite(lambda t, m: t.pop(f"{STAT}.var")), f"{STAT}.var: missing"),
+    ("unexpected-key", rewrite(lambda t, m: t.update({"model.extra.weight": torch.ones(2)})), "model.extra.weight: unexpected"),
+    ("wider-model", from_model(lambda: build(CASES[0], seed=0, hidden=48)), f"{STAT}.mean: shape (192,), expected (128,)"),
+    ("wrong-dtype", rewrite(_set(f"{STAT}.count", lambda t: t.float())), f"{STAT}.count: dtype torch.float32"),
+    ("model-dtype", rewrite(_set("model.gpt_neox.embed_in.weight", lambda t: t.half())), "model.gpt_neox.embed_in.weight: dtype"),
+    ("nan-mean", rewrite(_set(f"{STAT}.mean", _poke(3, float("nan")))), f"{STAT}.mean: contains NaN or inf"),
+    ("inf-var", rewrite(_set(f"{STAT}.var", _poke(0, float("inf")))), f"{STAT}.var: contains NaN or inf"),
+    ("nan-adam-state", rewrite(_set("optimizer.state.0.exp_avg_sq", _poke(0, float("nan")))), "optimizer.state.0.exp_avg_sq: contains NaN"),
+    ("adam-state-shape", rewrite(_set("optimizer.state.0.exp_avg", lambda t: t[:-1])), "optimizer.state.0.exp_avg: shape"),
+    ("negative-var", rewrite(_set(f"{STAT}.var", _poke(1, -1.0))), f"{STAT}.var: contains negative"),
+    ("negative-count", rewrite(_set(f"{STAT}.count", lambda t: -t)), f"{STAT}.count: contains negative"),
+    ("other-model", from_model(_llama_run), "optimizer.l2e.sites: the checkpoint's sites do not match"),
+]
+
+
+@pytest.mark.parametrize("make, expected", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_bad_file_raises_and_leaves_state_unchanged(
+    good: tuple[pathlib.Path, Run], make: Callable[[pathlib.Path, pathlib.Path], None], expected: str,
+    tmp_path: pathlib.Path,
+) -> None:
+    good_path, target = good
+    bad = tmp_path / "bad.safetensors"
+    make(good_path, bad)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(bad, target.opt, model=target.model, scheduler=target.sched)
+    message = str(error.value)
+    assert message.startswith(f"{bad}: "), message
+    assert expected in message, message
+    assert_same(snapshot(target), before)
+
+
+def test_the_good_file_loads_into_the_table_target(good: tuple[pathlib.Path, Run]) -> None:
+    """The table's errors come from the edits, not from a file the target would refuse anyway."""
+    path, target = good
+    source = read(path)[0]
+    load_checkpoint(path, target.opt, model=target.model, scheduler=target.sched)
+    assert torch.equal(target.opt.sites[SITE].var, source[f"{STAT}.var"])
+
+
+def test_loader_never_unpickles(good: tuple[pathlib.Path, Run], monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the loader must not unpickle")
+
+    for owner, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(owner, name, refuse)
+    path, target = good
+    load_checkpoint(path, target.opt, model=target.model, scheduler=target.sched)
+
+
+def test_crash_mid_save_leaves_the_earlier_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = build(CASES[0], seed=0)
+    train(run, data(1))
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, run.opt, model=run.model, metadata={"step": 1})
+    earlier = path.read_bytes()
+
+    def crash(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
+        pathlib.Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    train(run, data(1))
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, run.opt, model=run.model, metadata={"step": 2})
+    assert path.read_bytes() == earlier
+    assert os.listdir(tmp_path) == ["ckpt.safetensors"]  # no temporary file left behind
+    assert load_checkpoint(path, run.opt, model=run.model).metadata == {"step": 1}

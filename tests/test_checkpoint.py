@@ -319,3 +319,121 @@ def test_crash_mid_save_leaves_the_earlier_file(tmp_path: pathlib.Path, monkeypa
     assert path.read_bytes() == earlier
     assert os.listdir(tmp_path) == ["ckpt.safetensors"]  # no temporary file left behind
     assert load_checkpoint(path, run.opt, model=run.model).metadata == {"step": 1}
+
+
+# -- strict=False, plain optimizers, the wrapper's own load_state_dict -------------------------
+
+
+def test_strict_false_loads_matching_sites_and_reports_the_rest(tmp_path: pathlib.Path) -> None:
+    every = build(CASES[0], seed=0, layers="all")
+    train(every, data(2))
+    path = tmp_path / "all.safetensors"
+    save_checkpoint(path, every.opt, model=every.model)
+    mid = build(CASES[0], seed=0)  # sites of blocks 1 and 2 only
+    with pytest.raises(CheckpointError, match=r"optimizer.l2e.sites: .*unexpected \['gpt_neox.layers.0"):
+        load_checkpoint(path, mid.opt, model=mid.model)
+    with pytest.warns(UserWarning, match="L2EConfig differs"):
+        result = load_checkpoint(path, mid.opt, model=mid.model, strict=False)
+    assert result.missing_keys == ()
+    assert result.unexpected_keys == tuple(
+        f"optimizer.l2e.sites.gpt_neox.layers.{i}.mlp.dense_4h_to_h" for i in (0, 3)
+    )
+    for name, site in mid.opt.sites.items():
+        assert_same(site.tensors(), every.opt.sites[name].tensors())
+
+
+def test_strict_false_keeps_what_the_file_lacks(tmp_path: pathlib.Path) -> None:
+    mid = build(CASES[0], seed=0)
+    train(mid, data(2))
+    path = tmp_path / "mid.safetensors"
+    save_checkpoint(path, mid.opt)  # no model, no scheduler in the file
+    every = build(CASES[0], seed=5, layers="all")
+    before = snapshot(every)
+    with pytest.warns(UserWarning, match="L2EConfig differs"):
+        result = load_checkpoint(path, every.opt, model=every.model, scheduler=every.sched, strict=False)
+    missing = set(result.missing_keys)
+    assert {"model", "scheduler", "optimizer.l2e.sites.gpt_neox.layers.0.mlp.dense_4h_to_h"} <= missing
+    assert_same(every.opt.sites["gpt_neox.layers.0.mlp.dense_4h_to_h"].tensors(), before["sites"]["gpt_neox.layers.0.mlp.dense_4h_to_h"])
+    assert_same(every.opt.sites[SITE].tensors(), mid.opt.sites[SITE].tensors())
+    assert_same(every.model.state_dict(), before["model"])
+
+
+def test_plain_adamw_state_into_the_wrapper(tmp_path: pathlib.Path) -> None:
+    model = tiny_gpt_neox(seed=0)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for ids in data(2):
+        model(ids, labels=ids).loss.backward()
+        plain.step()
+        plain.zero_grad()
+    target = build(CASES[0], seed=0)
+    train(target, data(1))  # the L2E state is not blank before the load
+    with pytest.warns(UserWarning, match="no 'l2e' entry"):
+        target.opt.load_state_dict(plain.state_dict())
+    assert_same(target.opt.base_optimizer.state_dict(), plain.state_dict())
+    assert int(target.opt.step_count) == 0
+    assert all(int(s.count) == 0 and float(s.var.abs().sum()) == 0 for s in target.opt.sites.values())
+    path = tmp_path / "plain.safetensors"
+    save_checkpoint(path, plain, model=model)
+    with pytest.raises(CheckpointError, match="optimizer.l2e: missing"):
+        load_checkpoint(path, target.opt, model=target.model)
+    assert load_checkpoint(path, target.opt, model=target.model, strict=False).missing_keys == ("optimizer.l2e",)
+
+
+def test_wrapper_state_into_a_plain_adamw(tmp_path: pathlib.Path) -> None:
+    source = build(CASES[0], seed=0)
+    train(source, data(2))
+    model = tiny_gpt_neox(seed=0)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plain.load_state_dict(source.opt.state_dict())  # torch ignores the extra "l2e" entry
+    assert_same(plain.state_dict()["state"], source.opt.base_optimizer.state_dict()["state"])
+    path = tmp_path / "wrapped.safetensors"
+    save_checkpoint(path, source.opt)
+    with pytest.raises(CheckpointError, match="optimizer.l2e: unexpected"):
+        load_checkpoint(path, plain)
+    assert load_checkpoint(path, plain, strict=False).unexpected_keys == ("optimizer.l2e",)
+
+
+def _drop_last_group_param(state: dict[str, Any]) -> None:
+    state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+
+
+def _shrink_exp_avg(state: dict[str, Any]) -> None:
+    state["state"][0]["exp_avg"] = state["state"][0]["exp_avg"][:-1]
+
+
+def _nan_exp_avg_sq(state: dict[str, Any]) -> None:
+    state["state"][0]["exp_avg_sq"] = torch.full_like(state["state"][0]["exp_avg_sq"], float("nan"))
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (lambda s: s["param_groups"].append(dict(s["param_groups"][0])), "param_groups: 2 groups saved"),
+        (_drop_last_group_param, "param_groups.0.params"),
+        (_shrink_exp_avg, "state.0.exp_avg: shape"),
+        (_nan_exp_avg_sq, "state.0.exp_avg_sq: contains NaN"),
+    ],
+    ids=["group-count", "param-count", "state-shape", "state-nan"],
+)
+def test_wrapper_load_state_dict_is_atomic(corrupt: Callable[[dict[str, Any]], None], expected: str) -> None:
+    """torch's own load checks group sizes only; a bad base part must not half-load either."""
+    source = build(CASES[0], seed=0)
+    train(source, data(2))
+    state = _clone(source.opt.state_dict())
+    corrupt(state)
+    target = build(CASES[0], seed=3)
+    train(target, data(1))
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match=expected):
+        target.opt.load_state_dict(state)
+    assert_same(snapshot(target), before)
+
+
+def test_scheduler_of_another_kind_is_rejected(good: tuple[pathlib.Path, Run]) -> None:
+    path, _ = good
+    run = build(CASES[0], seed=0)
+    step_lr = torch.optim.lr_scheduler.StepLR(run.opt, step_size=3)
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match="scheduler: keys"):
+        load_checkpoint(path, run.opt, model=run.model, scheduler=step_lr)
+    assert_same(snapshot(run), before)

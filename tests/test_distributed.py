@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import batches, stdlib_bytes, tiny_gpt_neox
-from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim import L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.distributed
 
@@ -237,10 +237,71 @@ def fsdp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
         "allreduce_sizes": torch.tensor(counter.sizes, dtype=torch.int64),
         "accumulator_numel": accumulator_numel(opt),
     }
+    save_full_checkpoint(out / "fsdp.safetensors", model, opt)
+    train(model, opt, odd_loss, global_batches(RESUME_STEPS, skip=FSDP_STEPS), rank, WORLD)
+    result["continued"] = {"l2e": l2e_state(opt), "params": full_params(model)}
     return result
 
 
-JOBS: dict[str, Callable[[int, pathlib.Path], dict[str, Any]]] = {"ddp": ddp_job, "fsdp": fsdp_job}
+def resume_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
+    model = fsdp_model(seed=1)  # another init: only the checkpoint can make it match
+    opt = make_opt(model)
+    load_full_checkpoint(out / "fsdp.safetensors", model, opt)
+    step = opt.step_count.clone()
+    train(model, opt, odd_loss, global_batches(RESUME_STEPS, skip=FSDP_STEPS), rank, WORLD)
+    return {"step": step, "l2e": l2e_state(opt), "params": full_params(model)}
+
+
+# The documented FSDP2 checkpoint path (docs/distributed.md): gather full state dicts on rank 0
+# into a plain replica, which save_checkpoint / load_checkpoint handle as any single-process model.
+def plain_replica() -> tuple[nn.Module, L2EWrapper]:
+    model = OddLM()
+    return model, make_opt(model)
+
+
+def save_full_checkpoint(path: pathlib.Path, model: nn.Module, opt: L2EWrapper) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, opt.base_optimizer, options=options)
+    l2e = opt.state_dict()["l2e"]  # identical on every rank (one all-reduce per step)
+    if dist.get_rank() == 0:
+        plain, plain_opt = plain_replica()
+        plain.load_state_dict(model_sd)
+        set_optimizer_state_dict(plain, plain_opt.base_optimizer, optim_sd)
+        plain_opt.load_state_dict({**plain_opt.base_optimizer.state_dict(), "l2e": l2e})
+        save_checkpoint(path, plain_opt, model=plain)
+    dist.barrier()
+
+
+def load_full_checkpoint(path: pathlib.Path, model: nn.Module, opt: L2EWrapper) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    plain, plain_opt = plain_replica()
+    load_checkpoint(path, plain_opt, model=plain)  # validates the whole file first
+    options = StateDictOptions(full_state_dict=True)  # every rank keeps only its shard
+    set_model_state_dict(model, plain.state_dict(), options=options)
+    full_optim = get_optimizer_state_dict(plain, plain_opt.base_optimizer, options=options)
+    set_optimizer_state_dict(model, opt.base_optimizer, full_optim, options=options)
+    opt.load_state_dict({**opt.base_optimizer.state_dict(), "l2e": plain_opt.state_dict()["l2e"]})
+
+
+JOBS: dict[str, Callable[[int, pathlib.Path], dict[str, Any]]] = {
+    "ddp": ddp_job,
+    "fsdp": fsdp_job,
+    "resume": resume_job,
+}
 
 
 # -- comparisons ----------------------------------------------------------------------------
@@ -326,8 +387,18 @@ def test_process_group_option_selects_the_group(ddp_ranks: list[dict[str, Any]])
     assert not torch.equal(local[0]["l2e"][name]["mean"], local[1]["l2e"][name]["mean"])
 
 
-def test_fsdp2_matches_single_process(tmp_path: pathlib.Path) -> None:
-    ranks = launch("fsdp", tmp_path)
+@pytest.fixture(scope="module")
+def fsdp_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(fsdp_dir: pathlib.Path) -> list[dict[str, Any]]:
+    return launch("fsdp", fsdp_dir)
+
+
+def test_fsdp2_matches_single_process(fsdp_ranks: list[dict[str, Any]]) -> None:
+    ranks = fsdp_ranks
     reference = OddLM(seed=0)
     opt, _ = single_process(reference, odd_loss, FSDP_STEPS)
     r0, r1 = ranks
@@ -339,3 +410,17 @@ def test_fsdp2_matches_single_process(tmp_path: pathlib.Path) -> None:
     assert_l2e_close(r0["l2e"], l2e_state(opt))
     assert_params_close(r0["params"], {n: p.detach() for n, p in reference.named_parameters()})
     assert r0["allreduce_sizes"].tolist() == [r0["accumulator_numel"]] * FSDP_STEPS
+
+
+def test_fsdp2_checkpoint_resumes_identically(fsdp_dir: pathlib.Path, fsdp_ranks: list[dict[str, Any]]) -> None:
+    resumed = launch("resume", fsdp_dir)  # a fresh 2-rank job, another model init
+    want = fsdp_ranks[0]["continued"]
+    for rank in resumed:
+        assert int(rank["step"]) == FSDP_STEPS
+        assert_l2e_equal(rank["l2e"], want["l2e"])
+        for name, value in want["params"].items():
+            assert torch.equal(rank["params"][name], value), name
+    # The file is an ordinary single-process checkpoint: a plain model and optimizer load it.
+    plain, plain_opt = plain_replica()
+    load_checkpoint(fsdp_dir / "fsdp.safetensors", plain_opt, model=plain)
+    assert int(plain_opt.step_count) == FSDP_STEPS

@@ -437,3 +437,31 @@ def test_scheduler_of_another_kind_is_rejected(good: tuple[pathlib.Path, Run]) -
     with pytest.raises(CheckpointError, match="scheduler: keys"):
         load_checkpoint(path, run.opt, model=run.model, scheduler=step_lr)
     assert_same(snapshot(run), before)
+
+
+def test_the_documented_resume_example_runs(tmp_path: pathlib.Path) -> None:
+    doc = pathlib.Path(__file__).parent.parent / "docs" / "checkpointing.md"
+    code = doc.read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {"CKPT": tmp_path / "ckpt.safetensors"}
+    exec(compile(code, str(doc), "exec"), scope)
+    assert int(scope["opt"].step_count) == 10
+    assert scope["sched"].last_epoch == 10
+
+
+def test_sharded_tensors_are_refused_at_save(tmp_path: pathlib.Path) -> None:
+    if not torch.distributed.is_available() or torch.distributed.is_initialized():
+        pytest.skip("needs torch.distributed and no process group in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = nn.Linear(2, 2)
+        model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Replicate()]))
+        with pytest.raises(CheckpointError, match="model.weight: a sharded DTensor"):
+            save_checkpoint(tmp_path / "x.safetensors", torch.optim.SGD([model.bias]), model=model)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert os.listdir(tmp_path) == []

@@ -31,6 +31,11 @@ def flatten(tree: Any, path: str, tensors: dict[str, Tensor]) -> Any:
     share storage in the file (safetensors refuses shared storage).
     """
     if isinstance(tree, Tensor):
+        if _is_dtensor(tree):
+            raise CheckpointError(
+                f"{path}: a sharded DTensor; gather full tensors first (or use "
+                "torch.distributed.checkpoint): a checkpoint file holds plain tensors only"
+            )
         if path in tensors:
             raise CheckpointError(f"{path}: two entries flatten to the same key")
         tensors[path] = tree.detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -87,3 +92,11 @@ def _untag(tag: str, value: Any, tensors: Mapping[str, Tensor], used: set[str], 
             raise CheckpointError(f"{path}: malformed dict item {pair!r}")
         out[pair[0]] = unflatten(pair[1], tensors, used, f"{path}.{pair[0]}")
     return out
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

@@ -31,7 +31,7 @@ SITE_TENSORS: dict[str, tuple[torch.dtype, bool]] = {
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or state dict cannot be loaded; the message names the file and the key."""
+    """A checkpoint or state dict cannot be saved or loaded; the message names the file and the key."""
 
 
 def pack_l2e_state(config: L2EConfig, step: Tensor, sites: Mapping[str, SiteState]) -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""torch.compile(model) with the L2E hooks attached: no graph breaks, eager results, no recompiles.
+
+The default tests compile with the ``aot_eager`` backend: Dynamo traces the hooks and the tap's
+autograd function and AOTAutograd traces its backward exactly as with Inductor, without the C++
+build that makes Inductor take ~50 s on a 2-core CI machine; the Inductor run is marked slow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from conftest import PlainLM, batches, tiny_gpt_neox
+from l2e_optim import L2EConfig, L2EWrapper
+
+CONFIG = {"warmup_steps": 1, "strength": 0.05, "ratio": 0.05}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch.set_num_threads(before)
+
+
+def wrap(model: nn.Module, **overrides: Any) -> L2EWrapper:
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return L2EWrapper(base, model, config=L2EConfig(**{**CONFIG, **overrides}))
+
+
+def loss_of(model: nn.Module, ids: Tensor) -> Tensor:
+    logits = model(ids[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def site_state(opt: L2EWrapper) -> list[Tensor]:
+    return [opt.step_count] + [t for s in opt.sites.values() for t in s.tensors().values()]
+
+
+@pytest.mark.parametrize("inhibition", ["l2e", "memel"])
+def test_explain_finds_no_graph_break(corpus: Tensor, inhibition: str) -> None:
+    model = PlainLM()
+    opt = wrap(model, inhibition=inhibition)
+    ids = next(batches(corpus, 4, 17))
+    loss_of(model, ids).backward()
+    opt.step()  # statistics exist, so every branch of the hooks is live
+    explained = torch._dynamo.explain(model)(ids[:, :-1])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_hf_model_breaks_no_more_with_hooks(corpus: Tensor) -> None:
+    ids = next(batches(corpus, 2, 16))
+    counts = []
+    for hooked in (False, True):
+        torch._dynamo.reset()
+        model = tiny_gpt_neox(layers=2)
+        if hooked:
+            wrap(model)
+        explained = torch._dynamo.explain(model)(input_ids=ids)
+        counts.append(explained.graph_break_count)
+        reasons = " ".join(str(r) for r in explained.break_reasons)
+        assert "l2e_optim" not in reasons, reasons
+    assert counts[1] == counts[0]
+
+
+def compiled_matches_eager(corpus: Tensor, backend: str, steps: int = 4) -> CompileCounterWithBackend:
+    eager_model, compiled_model = PlainLM(), PlainLM()
+    eager, opt = wrap(eager_model), wrap(compiled_model)
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(compiled_model, backend=counter)
+    frames = []
+    for step, ids in enumerate(batches(corpus, 4, 17, seed=3)):
+        if step == steps:
+            break
+        loss_of(eager_model, ids).backward()
+        loss_of(compiled, ids).backward()
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+        for o in (eager, opt):
+            o.step()
+            o.zero_grad()
+        for a, b in zip(site_state(eager), site_state(opt)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        frames.append(counter.frame_count)
+    assert all(float(s.selected_fraction) > 0 for s in opt.sites.values()), "inhibition never ran"
+    assert frames[0] >= 1 and frames[-1] == frames[1], f"recompiled after step 2: {frames}"
+    return counter
+
+
+def test_compiled_model_equals_eager_without_recompiles(corpus: Tensor) -> None:
+    compiled_matches_eager(corpus, "aot_eager")
+
+
+@pytest.mark.slow
+def test_inductor_equals_eager_without_recompiles(corpus: Tensor) -> None:
+    compiled_matches_eager(corpus, "inductor", steps=3)

@@ -9,10 +9,8 @@ global batch, so the two ranks always see different data.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -424,3 +422,29 @@ def test_fsdp2_checkpoint_resumes_identically(fsdp_dir: pathlib.Path, fsdp_ranks
     plain, plain_opt = plain_replica()
     load_checkpoint(fsdp_dir / "fsdp.safetensors", plain_opt, model=plain)
     assert int(plain_opt.step_count) == FSDP_STEPS
+
+
+def test_collective_benchmark_smoke() -> None:
+    """The benchmark runs under torchrun (2 ranks) and posts its own checks and sane numbers."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import _common
+    from benchmarks._model import PlainLM
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "benchmarks.distributed_collective", "--smoke"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _common.parse(done.stdout)
+    assert result["smoke"] is True and result["world_size"] == WORLD
+    assert all(result["checks"].values()), result["checks"]
+    model = PlainLM(width=32, layers=4)  # the smoke model: its accumulators, fp32
+    opt = L2EWrapper(torch.optim.AdamW(model.parameters()), model, config=L2EConfig(layers="all"))
+    assert result["collective_bytes_per_step"] == accumulator_numel(opt) * 4
+    assert result["collective_calls_per_step"] == 1.0
+    for key in ("collective_exposed_s", "collective_blocking_s", "step_s_l2e", "step_s_adamw"):
+        assert 0.0 < result[key] < 60.0, key
+    assert 0.0 < result["collective_blocking_share"] == pytest.approx(
+        result["collective_blocking_s"] / result["step_s_l2e"]
+    )
+    assert "-----" in done.stdout  # the table for people came first

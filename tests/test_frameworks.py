@@ -152,3 +152,21 @@ def test_lightning_configure_optimizers_trains(corpus: Tensor) -> None:
     assert module.opt is not None
     assert_trained(module.opt, STEPS, BATCH * SEQ)
     assert any(not torch.equal(p, q) for p, q in zip(params, module.parameters()))
+
+
+# -- the copy-paste snippets of docs/integrations.md run as written ------------------------------------
+def doc_snippets() -> list[str]:
+    doc = pathlib.Path(__file__).parent.parent / "docs" / "integrations.md"
+    return [block.split("```", 1)[0] for block in doc.read_text().split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["trainer", "accelerate", "lightning"])
+def test_integration_snippet_runs(index: int, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    snippets = doc_snippets()
+    assert len(snippets) == 3
+    scope: dict[str, Any] = {"OUTPUT_DIR": str(tmp_path)}
+    exec(compile(snippets[index], f"docs/integrations.md#{index}", "exec"), scope)
+    opt = scope["lit"].l2e if "lit" in scope else scope["opt"]
+    assert isinstance(opt, L2EWrapper) and int(opt.step_count) == 4
+    assert all(int(site.count) > 0 for site in opt.sites.values())
+    assert "l2e/step" in capsys.readouterr().out

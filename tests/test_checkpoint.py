@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from conftest import batches, stdlib_bytes, tiny_gpt_neox, tiny_llama
 from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
-from l2e_optim._src import checkpoint as checkpoint_module
+from l2e_optim._src import checkpoint_io
 
 torch.set_num_threads(1)
 WARMUP, BEFORE, AFTER = 2, 4, 10
@@ -313,7 +313,7 @@ def test_crash_mid_save_leaves_the_earlier_file(tmp_path: pathlib.Path, monkeypa
         raise KeyboardInterrupt  # the process dies mid-write
 
     train(run, data(1))
-    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    monkeypatch.setattr(checkpoint_io, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, run.opt, model=run.model, metadata={"step": 2})
     assert path.read_bytes() == earlier

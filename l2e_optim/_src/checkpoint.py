@@ -10,27 +10,23 @@ whole file against the live objects first and only then mutates them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .checkpoint_io import read_file, write_atomically
 from .flat_tree import flatten, unflatten
 from .state_dict import L2E_KEY, CheckpointError, pack_l2e_state, validate_base_state, validate_l2e_state
 from .wrapper import L2EWrapper
 
 FORMAT = "l2e_optim.checkpoint"
 FORMAT_VERSION = 1
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a larger length is garbage
 _OPTIMIZER = "optimizer"
 
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau: anything with state_dict()
@@ -77,7 +73,7 @@ def save_checkpoint(
     if scheduler is not None:
         header["scheduler"] = _dumps(flatten(scheduler.state_dict(), "scheduler", tensors), "scheduler")
     header["user"] = _dumps(dict(metadata or {}), "metadata")
-    _atomic_save(path, tensors, header)
+    write_atomically(path, tensors, header)
 
 
 def load_checkpoint(
@@ -100,7 +96,8 @@ def load_checkpoint(
     """
     path = os.fspath(path)
     try:
-        header, tensors = _read(path)
+        header, tensors = read_file(path)
+        _check_format(header)
         plan = _Plan(strict)
         used: set[str] = set()
         plan.optimizer = _plan_optimizer(header, tensors, used, optimizer, plan)
@@ -153,13 +150,14 @@ def _plan_optimizer(
     for meta_key in header:
         if meta_key.startswith(f"{_OPTIMIZER}."):
             state[meta_key[len(_OPTIMIZER) + 1 :]] = unflatten(_loads(header, meta_key), tensors, used, meta_key)
-    is_wrapper = isinstance(optimizer, L2EWrapper)
-    if is_wrapper:
-        _plan_l2e(state, optimizer, plan)  # type: ignore[arg-type]
-    elif L2E_KEY in state:
-        plan.unexpected(f"{_OPTIMIZER}.{L2E_KEY}", "L2E state, and the optimizer is not an L2EWrapper")
-        del state[L2E_KEY]
-    base = optimizer.base_optimizer if isinstance(optimizer, L2EWrapper) else optimizer
+    if isinstance(optimizer, L2EWrapper):
+        _plan_l2e(state, optimizer, plan)
+        base = optimizer.base_optimizer
+    else:
+        if L2E_KEY in state:
+            plan.unexpected(f"{_OPTIMIZER}.{L2E_KEY}", "L2E state, and the optimizer is not an L2EWrapper")
+            del state[L2E_KEY]
+        base = optimizer
     validate_base_state(state, base, prefix=f"{_OPTIMIZER}.")
     return state
 
@@ -249,39 +247,6 @@ def _same_structure(saved: Any, live: Any, path: str) -> None:
             _same_structure(a, b, f"{path}.{i}")
 
 
-def _read(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """Header metadata and all tensors (CPU), after checking the file is a sane safetensors file."""
-    try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            prefix = file.read(8)
-    except OSError as error:
-        raise CheckpointError(f"header: cannot read the file ({error})") from error
-    if size == 0:
-        raise CheckpointError("header: the file is empty")
-    if len(prefix) < 8:
-        raise CheckpointError(f"header: truncated ({size} bytes, less than the 8-byte length)")
-    length = int.from_bytes(prefix, "little")
-    if length > MAX_HEADER_BYTES:
-        raise CheckpointError(f"header: declares {length} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    if 8 + length > size:
-        raise CheckpointError(f"header: truncated (declares {length} bytes, the file has {size - 8})")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as file:
-            header = file.metadata()
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # SafetensorError and friends: corrupt or truncated data
-        raise CheckpointError(f"header: not a valid safetensors file ({error})") from error
-    if not header or header.get("format") != FORMAT:
-        raise CheckpointError(f"header.format: not an l2e_optim checkpoint (format {header and header.get('format')!r})")
-    if header.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(
-            f"format_version: {header.get('format_version')!r} is not the supported version "
-            f"{FORMAT_VERSION}; use the l2e_optim release that wrote the file"
-        )
-    return dict(header), tensors
-
-
 def _loads(header: Mapping[str, str], key: str) -> Any:
     try:
         return json.loads(header[key])
@@ -298,28 +263,11 @@ def _dumps(value: Any, what: str) -> str:
         raise CheckpointError(f"{what}: cannot be stored as JSON ({error})") from error
 
 
-def _atomic_save(path: str, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as file:
-            os.fsync(file.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    # Makes the rename itself durable; not every platform can open a folder (Windows).
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
+def _check_format(header: Mapping[str, str]) -> None:
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"header.format: not an l2e_optim checkpoint (format {header.get('format')!r})")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"format_version: {header.get('format_version')!r} is not the supported version "
+            f"{FORMAT_VERSION}; use the l2e_optim release that wrote the file"
+        )

@@ -465,3 +465,36 @@ def test_sharded_tensors_are_refused_at_save(tmp_path: pathlib.Path) -> None:
     finally:
         torch.distributed.destroy_process_group()
     assert os.listdir(tmp_path) == []
+
+
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.01, total_steps=20),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=7),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=3), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+        milestones=[3],
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1),
+}
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULERS))
+def test_scheduler_state_round_trips_exactly(kind: str, tmp_path: pathlib.Path) -> None:
+    def make() -> tuple[nn.Module, L2EWrapper, Any]:
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        opt = L2EWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3), model, sites=["1"])
+        return model, opt, SCHEDULERS[kind](opt)
+
+    model, opt, sched = make()
+    for step in range(5):
+        model(torch.randn(3, 4)).square().mean().backward()
+        opt.step()
+        sched.step(1.0) if kind == "ReduceLROnPlateau" else sched.step()
+        opt.zero_grad()
+    save_checkpoint(tmp_path / "s.safetensors", opt, model=model, scheduler=sched)
+    model2, opt2, sched2 = make()
+    load_checkpoint(tmp_path / "s.safetensors", opt2, model=model2, scheduler=sched2)
+    assert_same(sched2.state_dict(), sched.state_dict())
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]

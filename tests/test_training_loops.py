@@ -230,21 +230,28 @@ def test_token_mask_equals_unpadded_sequences(corpus: Tensor) -> None:
     mask = torch.tensor([[1] * n + [0] * (12 - n) for n in lengths])
     padded = torch.where(mask.bool(), rows, torch.zeros_like(rows))
     states = {}
-    for how in ("unpadded", "masked", "unmasked"):
+    for how in ("unpadded", "masked", "unmasked", "hooked"):
         # lr = 0: the second step's selection runs on identical weights in every run
         model, opt = make(tiny_gpt_neox(layers=4), opt="sgd", lr=0.0)
+        if how == "hooked":  # docs/training-loops.md: hand every forward's mask to the wrapper
+            model.register_forward_pre_hook(
+                lambda module, args, kwargs: opt.set_token_mask(kwargs.get("attention_mask")),
+                with_kwargs=True,
+            )
         for _ in range(2):
             if how == "unpadded":
                 for seq in seqs:
                     model(input_ids=seq[None], labels=seq[None]).loss.backward()
             else:
-                opt.set_token_mask(mask if how == "masked" else None)
+                if how != "hooked":
+                    opt.set_token_mask(mask if how == "masked" else None)
                 model(input_ids=padded, attention_mask=mask, labels=padded).loss.backward()
             opt.step()
             opt.zero_grad()
         opt.set_token_mask(None)
         states[how] = snapshot(opt)
     assert_states_close(states["unpadded"], states["masked"], rtol=1e-5, atol=1e-6)
+    assert_states_close(states["masked"], states["hooked"], rtol=0, atol=0)
     assert all(int(v) == 2 * sum(lengths) for k, v in states["masked"].items() if k.endswith(".count"))
     with pytest.raises(AssertionError):  # padding does change the statistics: the mask matters
         assert_states_close(states["unpadded"], states["unmasked"], rtol=1e-5, atol=1e-6)
@@ -430,6 +437,17 @@ def test_frozen_layers_stay_frozen_and_sites_still_gather(corpus: Tensor) -> Non
     for p, q in zip(frozen, saved):
         assert p.grad is None and torch.equal(p, q) and p not in opt.state
     assert all(int(s.count) == 3 * 8 * 16 for s in opt.sites.values())
+
+
+def test_site_with_everything_before_it_frozen_gathers_nothing(corpus: Tensor) -> None:
+    """Documented limitation: no backward reaches the tap, and nothing upstream could be inhibited."""
+    model = PlainLM()
+    for p in [*model.embed.parameters(), *model.blocks[:2].parameters()]:
+        p.requires_grad_(False)
+    model, opt = make(model)
+    train_step(model, opt, data(corpus, 1)[0])
+    assert int(opt.sites["blocks.1.mlp.2"].count) == 0
+    assert int(opt.sites["blocks.2.mlp.2"].count) == 8 * 16
 
 
 def test_parameters_without_grad_are_untouched(corpus: Tensor) -> None:

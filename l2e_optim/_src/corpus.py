@@ -1,0 +1,345 @@
+"""Byte-level training data with per-byte feature labels, built from local text only.
+
+The default corpus is the running interpreter's standard-library Python sources: present wherever
+Python is, no download. Tokens are raw UTF-8 bytes (vocabulary 256). For Python text every byte
+also gets a feature label from Python's own ``tokenize`` module (comment, docstring, string,
+number, keyword, identifier, operator, whitespace/other), the labelled feature set the False
+Killing Rate needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import keyword
+import sysconfig
+import token
+import tokenize
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "comment",
+    "docstring",
+    "string",
+    "number",
+    "keyword",
+    "identifier",
+    "operator",
+    "whitespace",
+)
+"""Feature label names; a label is the index into this tuple (whitespace/other last)."""
+
+COMMENT, DOCSTRING, STRING, NUMBER, KEYWORD, IDENTIFIER, OPERATOR, OTHER = range(len(FEATURE_NAMES))
+
+# Generated tables and deliberately broken test inputs are not representative Python text.
+_STDLIB_SKIP = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "encodings", "pydoc_data"}
+)
+_PYTHON_SUFFIXES = (".py", ".pyi")
+# Token kinds that carry no feature; their bytes stay OTHER. (Names, since 3.12 adds FSTRING_*.)
+_STRING_KINDS = frozenset({"STRING", "FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END"})
+_SKIP_BEFORE_DOC = frozenset({tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.ENCODING})
+
+
+class DataError(ValueError):
+    """Training data is missing, empty or not text; the message names the path and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Byte tokens split into train and validation, with optional per-byte feature labels.
+
+    Attributes:
+        train: ``[bytes]`` int64 training tokens (values 0..255).
+        val: ``[bytes]`` int64 validation tokens.
+        train_features: ``[bytes]`` int64 label per training byte (index into
+            :data:`FEATURE_NAMES`), or ``None`` when the text is not Python.
+        val_features: the same for ``val``.
+        sources: the files used, in corpus order.
+    """
+
+    train: Tensor
+    val: Tensor
+    train_features: Tensor | None
+    val_features: Tensor | None
+    sources: tuple[str, ...]
+
+
+def label_python_bytes(source: str) -> Tensor:
+    """Feature label of every UTF-8 byte of ``source``, from Python's ``tokenize``.
+
+    A docstring is a STRING token that is the whole first statement of a module, class or
+    function body; keywords are ``keyword.iskeyword`` names (soft keywords such as ``match``
+    count as identifiers). Bytes of no token (spaces, newlines, indentation) are "whitespace".
+    Source that does not tokenize gets "whitespace"/other for every byte.
+
+    Returns:
+        ``[len(source.encode())]`` int64 labels, indices into :data:`FEATURE_NAMES`.
+    """
+    data = source.encode("utf-8")
+    labels = bytearray([OTHER]) * len(data)
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return _as_tensor(labels)
+    offsets = _LineOffsets(source)
+    docstrings = _docstring_indices(tokens)
+    for index, tok in enumerate(tokens):
+        label = _token_label(tok, index in docstrings)
+        if label is None:
+            continue
+        start, end = offsets.byte(tok.start), offsets.byte(tok.end)
+        labels[start:end] = bytes([label]) * (end - start)
+    return _as_tensor(labels)
+
+
+def _as_tensor(labels: bytearray) -> Tensor:
+    return torch.frombuffer(labels, dtype=torch.uint8).to(torch.int64) if labels else torch.zeros(0, dtype=torch.int64)
+
+
+def _token_label(tok: tokenize.TokenInfo, is_docstring: bool) -> int | None:
+    name = token.tok_name[tok.type]
+    if tok.type == tokenize.COMMENT:
+        return COMMENT
+    if name in _STRING_KINDS:
+        return DOCSTRING if is_docstring else STRING
+    if tok.type == tokenize.NUMBER:
+        return NUMBER
+    if tok.type == tokenize.NAME:
+        return KEYWORD if keyword.iskeyword(tok.string) else IDENTIFIER
+    if tok.type == tokenize.OP:
+        return OPERATOR
+    return None
+
+
+class _LineOffsets:
+    """Maps tokenize's (row, character column) positions to UTF-8 byte offsets."""
+
+    def __init__(self, source: str) -> None:
+        self.lines = io.StringIO(source).readlines()  # the same line splitting tokenize sees
+        self.starts = [0]
+        for line in self.lines:
+            self.starts.append(self.starts[-1] + len(line.encode("utf-8")))
+
+    def byte(self, position: tuple[int, int]) -> int:
+        row, col = position
+        if row - 1 >= len(self.lines):  # ENDMARKER and DEDENTs sit past the last line
+            return self.starts[-1]
+        line = self.lines[row - 1]
+        prefix = col if line.isascii() else len(line[:col].encode("utf-8"))
+        return self.starts[row - 1] + prefix
+
+
+def _docstring_indices(tokens: list[tokenize.TokenInfo]) -> set[int]:
+    """Indices of the STRING tokens that form docstrings (module, class and def bodies)."""
+    found: set[int] = set()
+    expect_body = True  # the module body starts at the first token
+    in_header = False  # between `def`/`class` and the header's closing colon
+    depth = 0
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if expect_body and tok.type not in _SKIP_BEFORE_DOC:
+            expect_body = False
+            j = i
+            while j < len(tokens) and tokens[j].type in (tokenize.STRING, tokenize.NL, tokenize.COMMENT):
+                j += 1  # implicit concatenation: "a" "b" is one docstring
+            strings = [k for k in range(i, j) if tokens[k].type == tokenize.STRING]
+            ends_statement = j < len(tokens) and (
+                tokens[j].type in (tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.DEDENT)
+                or tokens[j].string == ";"
+            )
+            if strings and ends_statement:
+                found.update(strings)
+        if tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth = max(0, depth - 1)
+        elif tok.type == tokenize.NAME and tok.string in ("def", "class"):
+            in_header = True
+        elif in_header and depth == 0 and tok.type == tokenize.OP and tok.string == ":":
+            in_header = False
+            expect_body = True
+        i += 1
+    return found
+
+
+def load_corpus(
+    paths: Sequence[str | Path] | None = None,
+    *,
+    max_bytes: int = 2_000_000,
+    val_fraction: float = 0.1,
+) -> Corpus:
+    """Load byte tokens (and Python feature labels) from local files.
+
+    Args:
+        paths: ``None`` for the interpreter's standard-library ``.py`` sources (a fixed,
+            seeded order of the sorted file list, so the same Python gives the same corpus);
+            else the user's text files or folders (searched recursively; hidden entries and
+            ``__pycache__`` skipped; binary files inside folders skipped).
+        max_bytes: stop adding files once this many bytes are loaded (the last file is cut).
+        val_fraction: share of bytes for validation. Whole files go to one side, chosen
+            deterministically along the file order; a single file is split at its tail instead.
+
+    Feature labels exist when every file is Python (``.py``/``.pyi``); else they are ``None``.
+
+    Raises:
+        DataError: a path is missing, a file or folder is empty, or an explicit file is not
+            UTF-8 text; the message names the path and the fix.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction!r} must lie in (0, 1), e.g. 0.1.")
+    if max_bytes < 2:
+        raise DataError(f"max_bytes={max_bytes!r} must be at least 2.")
+    files = _stdlib_files() if paths is None else _user_files(paths)
+    texts: list[tuple[str, bytes]] = []
+    total = 0
+    for path in files:
+        data = path.read_bytes()
+        if not data.strip():
+            continue
+        data = data[: max_bytes - total]
+        texts.append((str(path), data))
+        total += len(data)
+        if total >= max_bytes:
+            break
+    if not texts:
+        where = "the standard library" if paths is None else ", ".join(str(p) for p in paths)
+        raise DataError(f"no text found in {where}; pass files or folders holding UTF-8 text.")
+    python = all(name.endswith(_PYTHON_SUFFIXES) for name, _ in texts)
+    return _split(texts, python, val_fraction)
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in sorted(root.rglob("*.py"))
+        if not (_STDLIB_SKIP & set(p.relative_to(root).parts))
+        and not p.name.startswith("_sysconfigdata")
+    ]
+    # A seeded shuffle spreads a small byte budget over the whole library, not just "a*".
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    return [files[i] for i in order]
+
+
+def _user_files(paths: Sequence[str | Path]) -> list[Path]:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise DataError("no data path given; pass at least one text file or folder.")
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataError(f"data path {str(raw)!r} does not exist; pass an existing text file or folder.")
+        if path.is_dir():
+            found = [f for f in sorted(path.rglob("*")) if _visible(f, path) and f.is_file() and _is_text(f)]
+            if not found:
+                raise DataError(
+                    f"data folder {str(raw)!r} holds no non-empty UTF-8 text files; "
+                    "point --data at a folder of .txt/.py/.md files."
+                )
+            files.extend(found)
+        else:
+            if path.stat().st_size == 0:
+                raise DataError(f"data file {str(raw)!r} is empty; pass a file with text in it.")
+            if not _is_text(path):
+                raise DataError(
+                    f"data file {str(raw)!r} is not UTF-8 text (binary or another encoding); "
+                    "pass plain-text files, or convert it to UTF-8 first."
+                )
+            files.append(path)
+    return files
+
+
+def _visible(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    return not any(part.startswith(".") or part == "__pycache__" for part in parts)
+
+
+def _is_text(path: Path) -> bool:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if not data.strip() or b"\x00" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _split(texts: list[tuple[str, bytes]], python: bool, val_fraction: float) -> Corpus:
+    if len(texts) == 1:  # one file: its tail is the validation set
+        name, data = texts[0]
+        cut = max(1, min(len(data) - 1, round(len(data) * (1.0 - val_fraction))))
+        labels = _labels(data) if python else None
+        return Corpus(
+            train=_bytes_tensor(data[:cut]),
+            val=_bytes_tensor(data[cut:]),
+            train_features=None if labels is None else labels[:cut],
+            val_features=None if labels is None else labels[cut:],
+            sources=(name,),
+        )
+    sides: dict[bool, list[bytes]] = {False: [], True: []}
+    seen = val_bytes = 0
+    for index, (_, data) in enumerate(texts):
+        to_val = index > 0 and val_bytes < val_fraction * seen  # first file trains; val trails p
+        sides[to_val].append(data)
+        seen += len(data)
+        val_bytes += len(data) if to_val else 0
+    train, val = b"".join(sides[False]), b"".join(sides[True])
+    return Corpus(
+        train=_bytes_tensor(train),
+        val=_bytes_tensor(val),
+        train_features=_cat_labels(sides[False]) if python else None,
+        val_features=_cat_labels(sides[True]) if python else None,
+        sources=tuple(name for name, _ in texts),
+    )
+
+
+def _labels(data: bytes) -> Tensor:
+    # A file cut at max_bytes may end mid-character; drop the partial character's bytes.
+    labels = label_python_bytes(data.decode("utf-8", errors="ignore"))
+    if labels.numel() < len(data):
+        labels = torch.cat([labels, torch.full((len(data) - labels.numel(),), OTHER, dtype=torch.int64)])
+    return labels
+
+
+def _cat_labels(chunks: list[bytes]) -> Tensor:
+    return torch.cat([_labels(c) for c in chunks]) if chunks else torch.zeros(0, dtype=torch.int64)
+
+
+def _bytes_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64) if data else torch.zeros(0, dtype=torch.int64)
+
+
+def batches(tokens: Tensor, *, batch_size: int, seq_len: int, seed: int) -> Iterator[Tensor]:
+    """Endless deterministic random windows of ``tokens``.
+
+    Yields:
+        ``[batch_size, seq_len + 1]`` int64 windows: inputs are ``[:, :-1]``, labels ``[:, 1:]``.
+        The same ``seed`` gives the same sequence of windows, whatever else runs.
+
+    Raises:
+        DataError: ``tokens`` is shorter than one window.
+    """
+    if batch_size < 1 or seq_len < 1:
+        raise DataError(f"batch_size={batch_size} and seq_len={seq_len} must both be >= 1.")
+    if tokens.numel() < seq_len + 2:
+        raise DataError(
+            f"the data has {tokens.numel()} bytes, fewer than one window of {seq_len + 1}; "
+            "add more text or lower the sequence length."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    window = torch.arange(seq_len + 1)  # [seq+1]
+    while True:
+        starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
+        yield tokens[starts[:, None] + window[None, :]]  # [batch, seq+1]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import batches, stdlib_bytes, tiny_gpt_neox
+from conftest import batches, stdlib_bytes, tiny_gpt2, tiny_gpt_neox
 from l2e_optim import L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -220,6 +220,21 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def gpt2_after_fully_shard(rank: int) -> dict[str, Any]:
+    """HF GPT-2 (Conv1D sites, weights stored [in, out]) sharded first, then wrapped."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = tiny_gpt2(layers=2)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = make_opt(model)
+    train(model, opt, hf_loss, global_batches(2), rank, WORLD)
+    return {name: {"neurons": site.neurons, "count": site.count.clone()} for name, site in opt.sites.items()}
+
+
 def fsdp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
@@ -235,6 +250,7 @@ def fsdp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
         "allreduce_sizes": torch.tensor(counter.sizes, dtype=torch.int64),
         "accumulator_numel": accumulator_numel(opt),
     }
+    result["gpt2"] = gpt2_after_fully_shard(rank)
     save_full_checkpoint(out / "fsdp.safetensors", model, opt)
     train(model, opt, odd_loss, global_batches(RESUME_STEPS, skip=FSDP_STEPS), rank, WORLD)
     result["continued"] = {"l2e": l2e_state(opt), "params": full_params(model)}
@@ -408,6 +424,16 @@ def test_fsdp2_matches_single_process(fsdp_ranks: list[dict[str, Any]]) -> None:
     assert_l2e_close(r0["l2e"], l2e_state(opt))
     assert_params_close(r0["params"], {n: p.detach() for n, p in reference.named_parameters()})
     assert r0["allreduce_sizes"].tolist() == [r0["accumulator_numel"]] * FSDP_STEPS
+
+
+def test_wrapper_built_after_fully_shard_reads_global_widths(fsdp_ranks: list[dict[str, Any]]) -> None:
+    plain = tiny_gpt2(layers=2)
+    want = {name: site.neurons for name, site in make_opt(plain).sites.items()}
+    for rank in fsdp_ranks:
+        got = rank["gpt2"]
+        assert {name: site["neurons"] for name, site in got.items()} == want  # 128, not a shard's 64
+        # Both ranks' tokens of both steps are counted (the hooks ran on the sharded model).
+        assert all(int(site["count"]) == 2 * GLOBAL_BATCH * SEQ for site in got.values())
 
 
 def test_fsdp2_checkpoint_resumes_identically(fsdp_dir: pathlib.Path, fsdp_ranks: list[dict[str, Any]]) -> None:

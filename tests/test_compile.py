@@ -45,10 +45,12 @@ def site_state(opt: L2EWrapper) -> list[Tensor]:
     return [opt.step_count] + [t for s in opt.sites.values() for t in s.tensors().values()]
 
 
-@pytest.mark.parametrize("inhibition", ["l2e", "memel"])
+@pytest.mark.parametrize("inhibition", ["l2e", "memel", "l2e+grad_scaler"])
 def test_explain_finds_no_graph_break(corpus: Tensor, inhibition: str) -> None:
     model = PlainLM()
-    opt = wrap(model, inhibition=inhibition)
+    opt = wrap(model, inhibition=inhibition.split("+")[0])
+    if inhibition.endswith("grad_scaler"):  # the hook then reads the scaler's scale tensor
+        opt.set_grad_scaler(torch.amp.GradScaler("cpu", init_scale=2.0**10))
     ids = next(batches(corpus, 4, 17))
     loss_of(model, ids).backward()
     opt.step()  # statistics exist, so every branch of the hooks is live

@@ -291,6 +291,17 @@ def test_the_good_file_loads_into_the_table_target(good: tuple[pathlib.Path, Run
     assert torch.equal(target.opt.sites[SITE].var, source[f"{STAT}.var"])
 
 
+def test_parts_not_passed_are_neither_loaded_nor_unexpected(good: tuple[pathlib.Path, Run]) -> None:
+    path, _ = good
+    run = build(CASES[0], seed=3)
+    before = snapshot(run)
+    result = load_checkpoint(path, run.opt)  # the file also holds a model and a scheduler
+    assert result.missing_keys == () and result.unexpected_keys == ()
+    assert_same(run.model.state_dict(), before["model"])
+    assert_same(run.sched.state_dict(), before["sched"])
+    assert torch.equal(run.opt.sites[SITE].var, read(path)[0][f"{STAT}.var"])
+
+
 def test_loader_never_unpickles(good: tuple[pathlib.Path, Run], monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the loader must not unpickle")

@@ -103,8 +103,12 @@ def load_checkpoint(
         plan.optimizer = _plan_optimizer(header, tensors, used, optimizer, plan)
         if model is not None:
             plan.model = _plan_model(header, tensors, used, model, plan)
+        elif "model" in header:  # not asked for: its tensors are neither loaded nor unexpected
+            unflatten(_loads(header, "model"), tensors, used, "model")
         if scheduler is not None:
             plan.scheduler = _plan_scheduler(header, tensors, used, scheduler, plan)
+        elif "scheduler" in header:
+            unflatten(_loads(header, "scheduler"), tensors, used, "scheduler")
         user = _loads(header, "user")
         for key in sorted(set(tensors) - used):
             plan.unexpected(key, "a tensor that no header entry refers to")

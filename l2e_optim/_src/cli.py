@@ -1,0 +1,292 @@
+"""The ``l2e-optim`` command line: ``demo`` (pretrain three ways, compare) and ``analyze``.
+
+A thin shell: argument parsing, clean error messages for bad input, files. The work is done by
+``corpus``, ``pretrain``, ``analysis`` and ``report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .analysis import analyze
+from .config import L2EConfig
+from .corpus import DataError, load_corpus
+from .discovery import SiteDiscoveryError, discover_sites
+from .model_io import InputError, load_causal_lm
+from .pretrain import METHODS, MODEL_SHAPES, RunResult, RunSpec, UnknownModelError, train
+from .report import analysis_png, analysis_table, check_writable, demo_png, demo_table, write_json
+from .wrapper import L2EWrapper
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+SMOKE = {"steps": 4, "batch_size": 2, "seq_len": 32, "max_bytes": 40_000, "width": 32, "layers": 2,
+         "eval_every": 2, "eval_batches": 1, "analysis_tokens": 512}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m l2e_optim``."""
+    parser = argparse.ArgumentParser(prog="l2e-optim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="pretrain GPT-NeoX with AdamW, L2E and MEmeL and compare")
+    demo.add_argument("--data", action="append", metavar="PATH",
+                      help="text files or folders (repeatable); default: this Python's standard library")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200)")
+    demo.add_argument("--model", default="tiny", help=f"model shape: {', '.join(MODEL_SHAPES)}")
+    demo.add_argument("--width", type=int, default=None, help="override the shape's hidden size")
+    demo.add_argument("--layers", type=int, default=None, help="override the shape's number of blocks")
+    demo.add_argument("--batch-size", type=int, default=None, help="windows per step (default 16)")
+    demo.add_argument("--seq-len", type=int, default=None, help="bytes per window (default 128)")
+    demo.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    demo.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of adamw,l2e,memel")
+    demo.add_argument("--max-bytes", type=int, default=None, help="corpus size cap (default 2,000,000)")
+    demo.add_argument("--smoke", action="store_true", help="tiny sizes for CI (seconds, not minutes)")
+    _common(demo, "runs/demo")
+    ana = sub.add_parser("analyze", help="monosemanticity analysis of a local causal LM")
+    ana.add_argument("target", metavar="MODEL_DIR_OR_CHECKPOINT",
+                     help="a folder with config.json and weights, or a .safetensors file beside a config.json")
+    ana.add_argument("--data", action="append", metavar="PATH", help="text files or folders (default: stdlib)")
+    ana.add_argument("--seq-len", type=int, default=128, help="bytes per analysis window")
+    ana.add_argument("--tokens", type=int, default=8192, help="bytes analysed")
+    ana.add_argument("--top", type=int, default=8, help="most monosemantic neurons listed")
+    ana.add_argument("--max-bytes", type=int, default=2_000_000, help="corpus size cap")
+    _common(ana, "runs/analyze")
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: small matrices gain little and shared cores thrash)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(argv: Sequence[str] | None = None, *, on_step: Callable[[int, RunResult], None] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 130 interrupted).
+
+    ``on_step`` is passed to every training run (tests use it to simulate Ctrl-C).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        _check_device(args.device)
+        if args.threads < 1:
+            raise InputError(f"--threads={args.threads} must be >= 1.")
+        if args.device == "cpu":
+            torch.set_num_threads(args.threads)
+        if args.command == "demo":
+            return run_demo(args, on_step)
+        return run_analyze(args)
+    except (InputError, DataError, UnknownModelError, SiteDiscoveryError, OSError) as error:
+        print(f"l2e-optim {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"l2e-optim {args.command}: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise InputError(f"--device={device!r} is not a torch device ({error}); use cpu or cuda.") from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device={device!r}: no CUDA GPU is available here; use --device cpu.")
+
+
+# -- demo -----------------------------------------------------------------------------------
+def demo_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """The three (or chosen) runs, identical but for the method."""
+    smoke = SMOKE if args.smoke else {}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"--methods {args.methods!r}: use a comma-separated subset of {', '.join(METHODS)}.")
+    if args.model not in MODEL_SHAPES:
+        raise InputError(f"unknown model {args.model!r}; known models: {', '.join(MODEL_SHAPES)}.")
+    steps = _pick(args.steps, smoke.get("steps"), 200)
+    specs = [
+        RunSpec(
+            method=method,
+            shape=args.model,
+            steps=steps,
+            batch_size=_pick(args.batch_size, smoke.get("batch_size"), 16),
+            seq_len=_pick(args.seq_len, smoke.get("seq_len"), 128),
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            width=_pick(args.width, smoke.get("width"), None),
+            layers=_pick(args.layers, smoke.get("layers"), None),
+            eval_every=int(smoke.get("eval_every", max(1, steps // 4))),
+            eval_batches=int(smoke.get("eval_batches", 8)),
+        )
+        for method in methods
+    ]
+    return specs
+
+
+def _pick(flag: Any, smoke: Any, default: Any) -> Any:
+    if flag is not None:
+        if isinstance(flag, int) and flag < 1:
+            raise InputError(f"sizes must be >= 1, got {flag}.")
+        return flag
+    return smoke if smoke is not None else default
+
+
+def run_demo(args: argparse.Namespace, on_step: Callable[[int, RunResult], None] | None = None) -> int:
+    """Train each method, checkpoint it, analyse it; table, JSON and PNG at the end."""
+    out = Path(args.out)
+    specs = demo_specs(args)
+    check_writable(out)
+    max_bytes = _pick(args.max_bytes, SMOKE["max_bytes"] if args.smoke else None, 2_000_000)
+    corpus = load_corpus(args.data, max_bytes=max_bytes)
+    if corpus.val.numel() < specs[0].seq_len + 2:
+        raise InputError(f"the validation split has {corpus.val.numel()} bytes, fewer than one window; "
+                         "give more text or a smaller --seq-len.")
+    start = time.perf_counter()
+    results: dict[str, RunResult] = {}
+    latest: list[RunResult] = []
+
+    def track(step: int, result: RunResult) -> None:
+        latest[:] = [result]
+        if on_step is not None:
+            on_step(step, result)
+
+    try:
+        for spec in specs:
+            results[spec.method] = train(spec, corpus, progress=not args.no_progress, on_step=track)
+            save_run(out / spec.method, results[spec.method], interrupted=False)
+    except KeyboardInterrupt:
+        if latest:
+            run = latest[0]
+            save_run(out / run.spec.method, run, interrupted=True)
+            print(f"\ninterrupted at step {run.steps_done}/{run.spec.steps} of {run.spec.method!r}; "
+                  f"checkpoint kept in {out / run.spec.method}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    analysis_tokens = int(SMOKE["analysis_tokens"]) if args.smoke else 8192
+    summary = demo_summary(args, corpus.sources, results, corpus, analysis_tokens, time.perf_counter() - start)
+    write_json(out / "summary.json", summary)
+    note = demo_png(out / "demo.png", summary, _curves(results, summary))
+    print(demo_table(summary))
+    print(f"\nwall time {summary['wall_seconds']:.1f} s; wrote {out / 'summary.json'}"
+          + (f" and {out / 'demo.png'}" if note is None else f"; {note}"))
+    return EXIT_OK
+
+
+def save_run(folder: Path, run: RunResult, *, interrupted: bool) -> None:
+    """``model.safetensors`` + ``config.json`` (loadable by from_pretrained) and the full checkpoint."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in run.model.state_dict().items()}
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    getattr(run.model, "config").to_json_file(str(folder / "config.json"))
+    meta = {"method": run.spec.method, "steps_done": run.steps_done, "interrupted": interrupted}
+    save_checkpoint(folder / "checkpoint.safetensors", run.optimizer, model=run.model,
+                    scheduler=run.scheduler, metadata=meta)
+
+
+def demo_summary(
+    args: argparse.Namespace,
+    sources: Sequence[str],
+    results: dict[str, RunResult],
+    corpus: Any,
+    analysis_tokens: int,
+    wall: float,
+) -> dict[str, Any]:
+    """The JSON summary: settings, machine, and per run the table's numbers and its analysis."""
+    base = results.get("adamw")
+    base_time = statistics.median(base.step_seconds[1:] or base.step_seconds) if base else None
+    runs: dict[str, Any] = {}
+    for method, run in results.items():
+        inhibited = discover_sites(run.model, L2EConfig().layers)
+        found = analyze(run.model, corpus.val, corpus.val_features, seq_len=run.spec.seq_len,
+                        max_tokens=analysis_tokens, device=run.spec.device)
+        tail = run.train_loss[-max(1, len(run.train_loss) // 10):]
+        train_loss = sum(tail) / len(tail)
+        val_loss = run.val_loss[-1][1]
+        step_time = statistics.median(run.step_seconds[1:] or run.step_seconds)
+        sites = {}
+        if isinstance(run.optimizer, L2EWrapper):
+            sites = {name: {"threshold": float(s.threshold), "selected_fraction": float(s.selected_fraction)}
+                     for name, s in run.optimizer.sites.items()}
+        runs[method] = {
+            "train_loss": train_loss,
+            "train_ppl": math.exp(train_loss),
+            "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss),
+            "tokens_per_second": run.tokens_per_second,
+            "median_step_seconds": step_time,
+            "step_time_ratio": step_time / base_time if base_time else None,
+            "sites": sites,
+            "high_ms_share": found.high_ms_share(inhibited),
+            "fkr_2pct": found.fkr_at(0.02, inhibited),
+            "analysis_sites": inhibited,
+            "analysis": found.to_dict(),
+        }
+    spec = next(iter(results.values())).spec
+    return {
+        "settings": {**{k: v for k, v in vars(spec).items() if k not in ("method", "l2e")},
+                     "data": args.data or "stdlib", "sources": len(sources), "train_bytes": corpus.train.numel(),
+                     "threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "cpus": _cpus()},
+        "wall_seconds": wall,
+        "runs": runs,
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _curves(results: dict[str, RunResult], summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        method: {
+            "train_loss": run.train_loss,
+            "val_loss": run.val_loss,
+            "thresholds": run.thresholds,
+            "selected_fraction": run.selected_fraction,
+            "neuron_ms": summary["runs"][method]["analysis"]["neuron_scores"],
+        }
+        for method, run in results.items()
+    }
+
+
+# -- analyze --------------------------------------------------------------------------------
+def run_analyze(args: argparse.Namespace) -> int:
+    """Load a local model, analyse it on byte tokens; table, JSON and PNG."""
+    out = Path(args.out)
+    model = load_causal_lm(Path(args.target))
+    check_writable(out)
+    for name in ("seq_len", "tokens", "top"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
+    model.to(torch.device(args.device))
+    corpus = load_corpus(args.data, max_bytes=args.max_bytes)
+    tokens = corpus.val if corpus.val.numel() >= args.seq_len else corpus.train
+    features = corpus.val_features if tokens is corpus.val else corpus.train_features
+    found = analyze(model, tokens, features, seq_len=args.seq_len, max_tokens=args.tokens,
+                    top_neurons=args.top, device=args.device)
+    result = {"target": str(args.target), **found.to_dict()}
+    write_json(out / "analysis.json", result)
+    note = analysis_png(out / "analysis.png", result)
+    print(analysis_table(result))
+    print(f"\nwrote {out / 'analysis.json'}" + (f" and {out / 'analysis.png'}" if note is None else f"; {note}"))
+    return EXIT_OK
+

@@ -1,0 +1,111 @@
+"""Loading a local causal LM for analysis, strictly: a checkpoint of another model is an error.
+
+``from_pretrained`` on its own initialises missing weights at random with only a log line; for
+an analysis that would silently measure noise, so every key and shape is checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+BYTE_VOCAB = 256
+
+
+class InputError(Exception):
+    """Bad user input: the message says what is wrong and how to fix it."""
+
+
+def load_causal_lm(target: Path) -> nn.Module:
+    """A causal LM from a local folder (``config.json`` + weights) or a ``.safetensors`` file.
+
+    A file is read with the ``config.json`` of its folder (e.g. a demo run's
+    ``model.safetensors``). The model must take byte tokens (vocabulary >= 256).
+
+    Raises:
+        InputError: the path is missing, holds no config, the weights do not belong to the
+            config's model, or the vocabulary cannot hold byte tokens.
+    """
+    from transformers import AutoConfig
+
+    if not target.exists():
+        raise InputError(f"{str(target)!r} does not exist; pass a model folder (config.json + weights) "
+                         "or a .safetensors checkpoint beside a config.json.")
+    folder = target if target.is_dir() else target.parent
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{str(folder)!r} has no config.json; pass a folder written by save_pretrained "
+                         "or a demo run folder.")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # transformers raises many types for a bad config
+        raise InputError(f"{str(folder / 'config.json')!r} is not a usable model config: {_first_line(error)}") from error
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab < BYTE_VOCAB:
+        raise InputError(f"the model's vocabulary ({vocab}) cannot hold byte tokens (256); analyze needs a "
+                         "byte-level model such as the demo's.")
+    model = _from_folder(folder) if target.is_dir() else _from_file(target, config)
+    model.eval()
+    return model
+
+
+def _from_folder(folder: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True
+        )
+    except Exception as error:  # shape mismatches, missing weight files, unknown architectures
+        raise InputError(f"cannot load the model in {str(folder)!r}: {_first_line(error)}") from error
+    model, info = loaded
+    problems = [f"missing {k}" for k in info.get("missing_keys", [])]
+    problems += [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
+    problems += [f"shape of {item[0] if isinstance(item, tuple) else item}" for item in info.get("mismatched_keys", [])]
+    _raise_if_foreign(folder, problems)
+    result: nn.Module = model
+    return result
+
+
+def _from_file(path: Path, config: Any) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    if path.suffix != ".safetensors":
+        raise InputError(f"{str(path)!r} is not a .safetensors file; pass a model folder or a .safetensors file.")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{str(path)!r} is not a readable safetensors file: {_first_line(error)}") from error
+    auto: Any = AutoModelForCausalLM  # from_config is untyped in transformers
+    model: nn.Module = auto.from_config(config)
+    _raise_if_foreign(path, compare_state(model.state_dict(), state))
+    model.load_state_dict(state, strict=False)  # strictness checked above (tied weights may be absent)
+    return model
+
+
+def compare_state(expected: dict[str, Tensor], found: dict[str, Tensor]) -> list[str]:
+    """Differences between a model's state dict and a file's tensors (missing, extra, shapes)."""
+    tied = {k for k in expected if k.endswith(("lm_head.weight", "embed_out.weight"))}
+    problems = [f"missing {k}" for k in expected if k not in found and k not in tied]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    problems += [
+        f"shape of {k}: file {tuple(found[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    return problems
+
+
+def _raise_if_foreign(where: Path, problems: list[str]) -> None:
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise InputError(f"{str(where)!r} holds the weights of another model than its config.json describes "
+                         f"({shown}); pass the config.json that was saved with these weights.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -148,7 +148,14 @@ def free_port() -> int:
 
 def launch(job: str, out: pathlib.Path) -> list[dict[str, Any]]:
     """Run ``JOBS[job]`` on 2 gloo ranks; return what each rank saved."""
-    mp.start_processes(_entry, args=(job, free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+    for attempt in range(2):
+        try:
+            mp.start_processes(_entry, args=(job, free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+            break
+        except mp.ProcessRaisedException as error:
+            # The free port can be taken by another process between our probe and the bind.
+            if attempt == 1 or "address already in use" not in str(error).lower():
+                raise
     return [torch.load(out / f"{job}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -8,6 +8,7 @@ global batch, so the two ranks always see different data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -31,9 +32,10 @@ pytestmark = pytest.mark.distributed
 
 WORLD = 2
 GLOBAL_BATCH, SEQ = 4, 17
-DDP_STEPS, FSDP_STEPS, RESUME_STEPS = 10, 5, 3
+DDP_STEPS, FSDP_STEPS, RESUME_STEPS, ACCUM_STEPS = 10, 5, 3, 4
 # warmup 2 and a visible strength: the L2E gradient is live for most of the steps compared.
 CONFIG = L2EConfig(strength=0.05, warmup_steps=2, ratio=0.05)
+ACCUM_CONFIG = dataclasses.replace(CONFIG, grad_accumulation_steps=2)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -100,6 +102,21 @@ def train(
         local = ids.chunk(world)[rank]
         opt.zero_grad()
         loss_fn(model, local).backward()
+        opt.step()
+
+
+def train_accumulating(
+    model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor], rank: int = 0, world: int = 1
+) -> None:
+    """Each global batch as 2 micro-batches (its first and last rows of every rank's share)."""
+    for ids in data:
+        local = ids.chunk(world)[rank]
+        opt.zero_grad()
+        for index, micro in enumerate(local.chunk(2)):
+            last = index == 1 or world == 1
+            sync = contextlib.nullcontext() if last else model.no_sync()  # type: ignore[operator]
+            with sync:
+                (odd_loss(model, micro) / 2).backward()
         opt.step()
 
 
@@ -196,6 +213,16 @@ def ddp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
                 t.data_ptr() in buffers for s in opt.sites.values() for t in s.tensors().values()
             ),
         }
+    # Gradient accumulation under no_sync: micro-batches pile up locally, one reduce at step().
+    model = DDP(OddLM())
+    opt = make_opt(model, ACCUM_CONFIG)
+    with AllReduceCounter() as counter:
+        train_accumulating(model, opt, data[:ACCUM_STEPS], rank, WORLD)
+    result["accumulation"] = {
+        "l2e": l2e_state(opt, strip="module."),
+        "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+        "allreduce_calls": len(counter.sizes),
+    }
     # process_group= selects the group: singleton groups leave each rank's statistics local.
     singles, _ = dist.new_subgroups(1)
     model = OddLM()
@@ -399,6 +426,27 @@ def test_ddp_matches_single_process_on_global_batch(ddp_ranks: list[dict[str, An
     assert_l2e_equal(ranks[0]["broadcast_True"]["l2e"], ranks[0]["broadcast_False"]["l2e"])
     for name, value in ranks[0]["broadcast_True"]["params"].items():
         assert torch.equal(value, ranks[0]["broadcast_False"]["params"][name]), name
+
+
+def test_ddp_gradient_accumulation_under_no_sync(ddp_ranks: list[dict[str, Any]]) -> None:
+    """Rank r's micro-batch k holds rows of the global micro-batch k; one reduce per step."""
+    reference = OddLM()
+    opt = make_opt(reference, ACCUM_CONFIG)
+    global_micro = [
+        torch.cat([rows.chunk(2)[k] for rows in ids.chunk(WORLD)])
+        for ids in global_batches(ACCUM_STEPS)
+        for k in (0, 1)
+    ]
+    for first, second in zip(global_micro[::2], global_micro[1::2]):
+        opt.zero_grad()
+        for micro in (first, second):
+            (odd_loss(reference, micro) / 2).backward()
+        opt.step()
+    r0, r1 = (rank["accumulation"] for rank in ddp_ranks)
+    assert r0["allreduce_calls"] == ACCUM_STEPS
+    assert_l2e_equal(r0["l2e"], r1["l2e"])
+    assert_l2e_close(r0["l2e"], l2e_state(opt))
+    assert_params_close(r0["params"], {n: p.detach() for n, p in reference.named_parameters()})
 
 
 def test_process_group_option_selects_the_group(ddp_ranks: list[dict[str, Any]]) -> None:

@@ -131,7 +131,8 @@ def _accumulate(
     zero = torch.zeros((), dtype=acc.dtype, device=acc.device)
     acc[:n] += torch.where(finite, s1, zero)
     acc[n : 2 * n] += torch.where(finite, s2, zero)
-    tail = torch.stack([tokens.to(acc.dtype), selected.sum().to(acc.dtype)])
+    # count_nonzero, not bool .sum(): on CPU the sum widens the mask to int64 first (~15x slower).
+    tail = torch.stack([tokens.to(acc.dtype), torch.count_nonzero(selected).to(acc.dtype)])
     acc[2 * n : 2 * n + 2] += torch.where(finite, tail, zero)
     acc[2 * n + ACC_NONFINITE] += (~finite).to(acc.dtype)
 

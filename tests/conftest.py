@@ -12,6 +12,10 @@ from torch import nn
 
 VOCAB = 256  # byte-level tokens
 
+# Tiny models run fastest on one thread, and a second OpenMP thread spinning on a loaded 2-core
+# machine can slow the suite several-fold.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")

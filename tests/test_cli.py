@@ -1,0 +1,194 @@
+"""The demo and analyze commands end to end in smoke mode, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from l2e_optim import load_checkpoint
+from l2e_optim._src.cli import main
+from l2e_optim._src.pretrain import METHODS, RunResult, build_model
+
+SMOKE = ["--smoke", "--no-progress"]
+TABLE_FIELDS = ["train loss", "train ppl", "val loss", "val ppl", "tokens/s", "step time / adamw",
+                "high-MS share", "FKR@2%", "final threshold", "selected fraction"]
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["demo", *SMOKE, "--out", str(out)]) == 0
+    return out, buffer.getvalue()
+
+
+def test_demo_table_and_summary(demo_run: tuple[Path, str]) -> None:
+    out, printed = demo_run
+    for field in TABLE_FIELDS:
+        assert field in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["runs"]) == list(METHODS)
+    for method, run in summary["runs"].items():
+        for key in ("train_loss", "train_ppl", "val_loss", "val_ppl", "tokens_per_second", "step_time_ratio",
+                    "high_ms_share", "fkr_2pct"):
+            assert finite(run[key]), (method, key, run[key])
+        assert 0.0 <= run["high_ms_share"] <= 1.0 and 0.0 <= run["fkr_2pct"] <= 1.0
+        assert math.isclose(run["val_ppl"], math.exp(run["val_loss"]), rel_tol=1e-9)
+        assert (run["sites"] == {}) == (method == "adamw")
+        for site in run["sites"].values():
+            assert finite(site["threshold"]) and site["threshold"] > 0
+            assert 0.0 <= site["selected_fraction"] <= 1.0
+    assert summary["runs"]["adamw"]["step_time_ratio"] == 1.0
+    assert summary["wall_seconds"] > 0
+    png = (out / "demo.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_demo_checkpoints_load(demo_run: tuple[Path, str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from l2e_optim._src.pretrain import RunSpec, setup
+
+    out, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    settings = summary["settings"]
+    for method in METHODS:
+        weights = load_file(str(out / method / "model.safetensors"))
+        model = AutoModelForCausalLM.from_pretrained(str(out / method))
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, weights[name]), name
+        spec = RunSpec(method=method, shape=settings["shape"], steps=settings["steps"],
+                       batch_size=settings["batch_size"], seq_len=settings["seq_len"],
+                       width=settings["width"], layers=settings["layers"])
+        fresh = setup(spec)
+        load_checkpoint(out / method / "checkpoint.safetensors", fresh.optimizer, model=fresh.model,
+                        scheduler=fresh.scheduler)
+        assert fresh.scheduler.last_epoch == settings["steps"]
+        for name, value in fresh.model.state_dict().items():
+            assert torch.equal(value, weights[name]), name
+
+
+@pytest.mark.parametrize("target", ["l2e", "l2e/model.safetensors"])
+def test_analyze_demo_checkpoint(demo_run: tuple[Path, str], tmp_path: Path, target: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = demo_run
+    code = main(["analyze", str(out / target), "--seq-len", "32", "--tokens", "512", "--top", "3",
+                 "--max-bytes", "40000", "--no-progress", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for field in ("mean MS", "median neuron MS", "high-MS share", "FKR@0.5%", "FKR@10%", "K-S", "top contexts"):
+        assert field in printed
+    result = json.loads((tmp_path / "analysis.json").read_text())
+    assert result["tokens"] == 512 and len(result["layers"]) == 2
+    assert all(finite(row["mean_ms"]) and finite(row["max_neuron_ms"]) for row in result["layers"])
+    assert all(0.0 <= v <= 1.0 for values in result["fkr"]["per_site"].values() for v in values)
+    assert len(result["fkr"]["mean"]) == len(result["fkr"]["ratios"]) == 6
+    assert result["ks"]["mean"] and all(0.0 <= v <= 1.0 for v in result["ks"]["mean"].values())
+    assert len(result["top_neurons"]) == 3
+    assert all("[" in e["context"] and e["feature"] for n in result["top_neurons"] for e in n["examples"])
+    assert (tmp_path / "analysis.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_analyze_save_pretrained_folder_on_plain_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = build_model("tiny", width=32, layers=2, seed=1)
+    model.save_pretrained(str(tmp_path / "model"))
+    text = tmp_path / "prose.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    code = main(["analyze", str(tmp_path / "model"), "--data", str(text), "--seq-len", "32", "--tokens", "256",
+                 "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "not available" in printed
+    result = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert result["fkr"] is None and result["ks"] is None
+    assert all(e["feature"] is None for n in result["top_neurons"] for e in n["examples"])
+
+
+def run_bad(argv: list[str], capsys: pytest.CaptureFixture[str], expected: str) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "error:" in err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_file", "empty_folder", "binary", "not_utf8"])
+def test_demo_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    path = tmp_path / case
+    if case == "empty_file":
+        path.write_bytes(b"")
+    elif case == "empty_folder":
+        path.mkdir()
+    elif case == "binary":
+        path.write_bytes(bytes(range(256)))
+    elif case == "not_utf8":
+        path.write_bytes("na\xefve".encode("latin-1"))
+    run_bad(["demo", *SMOKE, "--data", str(path), "--out", str(tmp_path / "out")], capsys, case)
+
+
+def test_demo_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_bad(["demo", *SMOKE, "--model", "pythia-7b", "--out", str(tmp_path)], capsys, "known models: tiny")
+
+
+def test_output_folder_not_writable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # a folder below a file cannot exist, even for root
+    run_bad(["demo", *SMOKE, "--out", str(blocker / "out")], capsys, "not writable")
+
+
+def test_analyze_missing_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_bad(["analyze", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], capsys, "does not exist")
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_analyze_checkpoint_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             as_file: bool) -> None:
+    folder = tmp_path / "model"
+    build_model("tiny", width=32, layers=2).save_pretrained(str(folder))
+    other = build_model("tiny", width=64, layers=2)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(folder / "model.safetensors"))
+    target = folder / "model.safetensors" if as_file else folder
+    code = main(["analyze", str(target), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert ("another model" in err) if as_file else ("cannot load" in err or "another model" in err), err
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupt(step: int, result: RunResult) -> None:
+        if result.spec.method == "l2e" and step == 2:
+            raise KeyboardInterrupt
+
+    code = main(["demo", *SMOKE, "--out", str(tmp_path)], on_step=interrupt)
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err and "interrupted at step 2/4" in err
+    assert (tmp_path / "adamw" / "checkpoint.safetensors").is_file()
+    assert not (tmp_path / "memel").exists() and not (tmp_path / "summary.json").exists()
+    from l2e_optim._src.pretrain import RunSpec, setup
+
+    fresh = setup(RunSpec(method="l2e", steps=4, batch_size=2, seq_len=32, width=32, layers=2))
+    loaded = load_checkpoint(tmp_path / "l2e" / "checkpoint.safetensors", fresh.optimizer, model=fresh.model,
+                             scheduler=fresh.scheduler)
+    assert fresh.scheduler.last_epoch == 2
+    assert loaded.metadata["interrupted"] is True and loaded.metadata["steps_done"] == 2
+
+
+def test_module_entry_point_reports_bad_input_without_traceback() -> None:
+    done = subprocess.run([sys.executable, "-m", "l2e_optim", "demo", "--model", "nope", "--smoke"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown model 'nope'" in done.stderr and "Traceback" not in done.stderr

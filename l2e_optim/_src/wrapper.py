@@ -106,6 +106,7 @@ class L2EWrapper(torch.optim.Optimizer):
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
     @property
     def param_groups(self) -> list[dict[str, Any]]:
+        """The base optimizer's ``param_groups`` (the same list object)."""
         return self._base.param_groups
 
     @param_groups.setter
@@ -114,6 +115,7 @@ class L2EWrapper(torch.optim.Optimizer):
 
     @property
     def state(self) -> Any:
+        """The base optimizer's ``state`` (the same dict object; L2E never writes into it)."""
         return self._base.state
 
     @state.setter
@@ -122,6 +124,7 @@ class L2EWrapper(torch.optim.Optimizer):
 
     @property
     def defaults(self) -> dict[str, Any]:
+        """The base optimizer's ``defaults``."""
         return self._base.defaults
 
     @defaults.setter

@@ -49,7 +49,8 @@ def converge_threshold(tokens: int, neurons: int, steps: int, generator: torch.G
 def threshold_select(scores: torch.Tensor, tau: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """What the site's tap and the commit do for the moving threshold: compare, count, update."""
     mask = scores >= tau
-    update_threshold(tau, mask.sum().float(), total, RATIO, THRESHOLD_LR)
+    # count_nonzero, as the site does: a bool .sum() widens the mask to int64 first on CPU.
+    update_threshold(tau, torch.count_nonzero(mask).float(), total, RATIO, THRESHOLD_LR)
     return mask
 
 

@@ -192,3 +192,26 @@ def test_module_entry_point_reports_bad_input_without_traceback() -> None:
     done = subprocess.run([sys.executable, "-m", "l2e_optim", "demo", "--model", "nope", "--smoke"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown model 'nope'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_analyze_subword_model_uses_its_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from l2e_optim._src.corpus import load_corpus
+
+    sample = bytes(load_corpus(max_bytes=30_000).train.tolist()).decode("utf-8", errors="ignore")
+    raw = Tokenizer(models.BPE(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator([sample], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
+    folder = tmp_path / "subword"
+    build_model("tiny", width=32, layers=2, vocab_size=len(tokenizer)).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    code = main(["analyze", str(folder), "--seq-len", "32", "--tokens", "256", "--max-bytes", "40000",
+                 "--top", "2", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert result["token_unit"] == "tokenizer tokens" and result["tokens"] == 256
+    assert result["fkr"] is not None and all(0.0 <= v <= 1.0 for v in result["fkr"]["mean"])
+    assert all(e["feature"] and "[" in e["context"] for n in result["top_neurons"] for e in n["examples"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -154,6 +154,7 @@ def analyze(
     max_tokens: int = 8192,
     top_neurons: int = 8,
     device: str = "cpu",
+    render: Callable[[Tensor, int], str] | None = None,
 ) -> Analysis:
     """Per-layer MS, the most monosemantic neurons with their byte contexts, FKR and K-S.
 
@@ -164,6 +165,8 @@ def analyze(
             are then not available.
         seq_len, max_tokens: window length and the number of tokens analysed.
         top_neurons: how many of the most monosemantic neurons to list.
+        render: ``render(tokens, position)`` -> the text around a token, the token in brackets
+            (default :func:`byte_context`; a tokenizer's decoder for sub-word models).
     """
     sites = discover_sites(model, "all")
     windows = analysis_windows(tokens, seq_len=seq_len, max_tokens=max_tokens)
@@ -192,7 +195,10 @@ def analyze(
         sites=list(sites),
         layers=layers,
         neuron_scores={name: s.tolist() for name, s in per_neuron.items()},
-        top_neurons=[_neuron_examples(s, name, j, col, used, labels) for s, name, j, col in tops[:top_neurons]],
+        top_neurons=[
+            _neuron_examples(s, name, j, col, used, labels, render or byte_context)
+            for s, name, j, col in tops[:top_neurons]
+        ],
         fkr=None if labels is None else {"ratios": list(FKR_RATIOS), "per_site": fkr, "mean": _column_means(fkr)},
         ks=None if labels is None else {"per_site": ks, "mean": _feature_means(ks)},
     )
@@ -220,7 +226,14 @@ def _ks_by_feature(phi: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 def _neuron_examples(
-    score: float, site: str, neuron: int, column: Tensor, used: Tensor, labels: Tensor | None, k: int = 3
+    score: float,
+    site: str,
+    neuron: int,
+    column: Tensor,
+    used: Tensor,
+    labels: Tensor | None,
+    render: Callable[[Tensor, int], str],
+    k: int = 3,
 ) -> dict[str, Any]:
     """A neuron and the byte contexts of its ``k`` highest-scoring tokens."""
     examples = []
@@ -229,7 +242,7 @@ def _neuron_examples(
         examples.append(
             {
                 "ms": float(value),
-                "context": byte_context(used, p),
+                "context": render(used, p),
                 "feature": None if labels is None else FEATURE_NAMES[int(labels[p])],
             }
         )

@@ -22,7 +22,7 @@ from .analysis import analyze
 from .config import L2EConfig
 from .corpus import DataError, load_corpus
 from .discovery import SiteDiscoveryError, discover_sites
-from .model_io import InputError, load_causal_lm
+from .model_io import InputError, load_causal_lm, load_tokenizer, tokenize_bytes, token_renderer
 from .pretrain import METHODS, MODEL_SHAPES, RunResult, RunSpec, UnknownModelError, train
 from .report import analysis_png, analysis_table, check_writable, demo_png, demo_table, write_json
 from .wrapper import L2EWrapper
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a folder with config.json and weights, or a .safetensors file beside a config.json")
     ana.add_argument("--data", action="append", metavar="PATH", help="text files or folders (default: stdlib)")
     ana.add_argument("--seq-len", type=int, default=128, help="bytes per analysis window")
-    ana.add_argument("--tokens", type=int, default=8192, help="bytes analysed")
+    ana.add_argument("--tokens", type=int, default=8192, help="tokens analysed (bytes, or tokenizer tokens)")
     ana.add_argument("--top", type=int, default=8, help="most monosemantic neurons listed")
     ana.add_argument("--max-bytes", type=int, default=2_000_000, help="corpus size cap")
     _common(ana, "runs/analyze")
@@ -282,9 +282,15 @@ def run_analyze(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.data, max_bytes=args.max_bytes)
     tokens = corpus.val if corpus.val.numel() >= args.seq_len else corpus.train
     features = corpus.val_features if tokens is corpus.val else corpus.train_features
+    tokenizer = load_tokenizer(Path(args.target))
+    render = None
+    if tokenizer is not None:  # sub-word model: its own tokens, each labelled by its last byte
+        tokens, features = tokenize_bytes(tokenizer, tokens, features, max_bytes=16 * args.tokens)
+        render = token_renderer(tokenizer)
     found = analyze(model, tokens, features, seq_len=args.seq_len, max_tokens=args.tokens,
-                    top_neurons=args.top, device=args.device)
-    result = {"target": str(args.target), **found.to_dict()}
+                    top_neurons=args.top, device=args.device, render=render)
+    unit = "bytes" if tokenizer is None else "tokenizer tokens"
+    result = {"target": str(args.target), "token_unit": unit, **found.to_dict()}
     write_json(out / "analysis.json", result)
     note = analysis_png(out / "analysis.png", result)
     print(analysis_table(result))

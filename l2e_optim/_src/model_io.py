@@ -22,7 +22,8 @@ def load_causal_lm(target: Path) -> nn.Module:
     """A causal LM from a local folder (``config.json`` + weights) or a ``.safetensors`` file.
 
     A file is read with the ``config.json`` of its folder (e.g. a demo run's
-    ``model.safetensors``). The model must take byte tokens (vocabulary >= 256).
+    ``model.safetensors``). Without a tokenizer in the folder the model must take byte tokens
+    (vocabulary >= 256).
 
     Raises:
         InputError: the path is missing, holds no config, the weights do not belong to the
@@ -42,9 +43,9 @@ def load_causal_lm(target: Path) -> nn.Module:
     except Exception as error:  # transformers raises many types for a bad config
         raise InputError(f"{str(folder / 'config.json')!r} is not a usable model config: {_first_line(error)}") from error
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    if vocab < BYTE_VOCAB:
-        raise InputError(f"the model's vocabulary ({vocab}) cannot hold byte tokens (256); analyze needs a "
-                         "byte-level model such as the demo's.")
+    if vocab < BYTE_VOCAB and load_tokenizer(target) is None:
+        raise InputError(f"the model's vocabulary ({vocab}) cannot hold byte tokens (256) and {str(folder)!r} "
+                         "has no tokenizer; save the tokenizer next to the model (save_pretrained).")
     model = _from_folder(folder) if target.is_dir() else _from_file(target, config)
     model.eval()
     return model
@@ -53,12 +54,18 @@ def load_causal_lm(target: Path) -> nn.Module:
 def _from_folder(folder: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(hf_logging.ERROR)  # its load report would duplicate (and bury) ours below
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, output_loading_info=True
         )
     except Exception as error:  # shape mismatches, missing weight files, unknown architectures
         raise InputError(f"cannot load the model in {str(folder)!r}: {_first_line(error)}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model, info = loaded
     problems = [f"missing {k}" for k in info.get("missing_keys", [])]
     problems += [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
@@ -109,3 +116,54 @@ def _raise_if_foreign(where: Path, problems: list[str]) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(target: Path) -> Any | None:
+    """The folder's Hugging Face tokenizer, or None when it has none (byte tokens are used then)."""
+    folder = target if target.is_dir() else target.parent
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # a broken tokenizer folder: say so rather than guess byte tokens
+        raise InputError(f"the tokenizer in {str(folder)!r} does not load: {_first_line(error)}") from error
+
+
+def tokenize_bytes(
+    tokenizer: Any, data: Tensor, labels: Tensor | None, max_bytes: int
+) -> tuple[Tensor, Tensor | None]:
+    """Token ids of the text in ``data`` (bytes), each with the label of its last byte.
+
+    The last byte, not the first: sub-word tokens often start with the space before a word.
+    Labels need a fast tokenizer (offsets); with a slow one they are None.
+    """
+    import torch
+
+    text = bytes(data[:max_bytes].tolist()).decode("utf-8", errors="ignore")
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = torch.tensor(encoded["input_ids"], dtype=torch.int64)
+    if labels is None or not fast:
+        return ids, None
+    byte_end = torch.tensor([len(c.encode("utf-8")) for c in text], dtype=torch.int64).cumsum(0)
+    last = [byte_end[end - 1] - 1 if end > start else 0 for start, end in encoded["offset_mapping"]]
+    index = torch.tensor(last, dtype=torch.int64).clamp(0, max(0, labels.numel() - 1))
+    return ids, labels[index]
+
+
+def token_renderer(tokenizer: Any, before: int = 8, after: int = 3) -> Any:
+    """``render(ids, position)`` for the analysis: decoded context with the token in brackets."""
+
+    def render(ids: Tensor, position: int) -> str:
+        def text(lo: int, hi: int) -> str:
+            piece: str = tokenizer.decode(ids[max(0, lo) : max(0, hi)].tolist())
+            return piece.replace("\n", "\\n").replace("\t", "\\t")
+
+        return f"{text(position - before, position)}[{text(position, position + 1)}]{text(position + 1, position + 1 + after)}"
+
+    return render

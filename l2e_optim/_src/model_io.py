@@ -6,6 +6,7 @@ an analysis that would silently measure noise, so every key and shape is checked
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def _from_folder(folder: Path) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(hf_logging.ERROR)  # its load report would duplicate (and bury) ours below
+    hf_logging.set_verbosity(logging.ERROR)  # its load report would duplicate (and bury) ours below
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, output_loading_info=True

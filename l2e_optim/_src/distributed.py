@@ -9,28 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
 class PendingReduce:
-    """An all-reduce in flight; ``wait()`` copies the global sums back into the accumulators."""
+    """The step's all-reduce in flight; ``wait()`` returns once the global sums are in place."""
 
-    def __init__(self, work: object | None, flat: Tensor, parts: Sequence[Tensor]) -> None:
-        self._work = work
-        self._flat = flat
-        self._parts = parts
+    def __init__(self, works: Sequence[object]) -> None:
+        self._works = works
 
     def wait(self) -> None:
         """Block the stream (not the host, on NCCL) until the sums are in place."""
-        if self._work is not None:
-            self._work.wait()  # type: ignore[attr-defined]
-        if len(self._parts) > 1:
-            offset = 0
-            for part in self._parts:
-                part.copy_(self._flat[offset : offset + part.numel()])
-                offset += part.numel()
+        for work in self._works:
+            work.wait()  # type: ignore[attr-defined]
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:
@@ -40,12 +32,13 @@ def world_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def start_all_reduce(
-    accumulators: Sequence[Tensor], group: dist.ProcessGroup | None
-) -> PendingReduce | None:
-    """Launch the step's single all-reduce (async), or return None when there is nobody to reduce with."""
-    if not accumulators or world_size(group) == 1:
+def start_all_reduce(buffers: Sequence[Tensor], group: dist.ProcessGroup | None) -> PendingReduce | None:
+    """Launch the SUM all-reduce of the accumulator buffers (async), or None with nobody to reduce with.
+
+    There is one buffer per device holding sites (one, unless a single process spreads the model
+    over several devices), so a step makes one collective.
+    """
+    if not buffers or world_size(group) == 1:
         return None
-    flat = accumulators[0] if len(accumulators) == 1 else torch.cat(list(accumulators))
-    work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    return PendingReduce(work, flat, accumulators)
+    works = [dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True) for buffer in buffers]
+    return PendingReduce(works)

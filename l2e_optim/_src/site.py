@@ -28,6 +28,11 @@ ACC_TOKENS, ACC_SELECTED, ACC_NONFINITE = 0, 1, 2
 ACC_SCALARS = 3
 
 
+def accumulator_size(neurons: int) -> int:
+    """Length of a site's step accumulator: s1 [N], s2 [N], then the scalar slots."""
+    return 2 * neurons + ACC_SCALARS
+
+
 class SiteState:
     """Live state of one site; its tensors are updated in place at ``step()`` (storage is kept).
 
@@ -41,7 +46,9 @@ class SiteState:
         nonfinite: 0-dim int64 micro-batches skipped for NaN/inf activations.
     """
 
-    def __init__(self, name: str, neurons: int, threshold: float, device: torch.device) -> None:
+    def __init__(
+        self, name: str, neurons: int, threshold: float, device: torch.device, accumulator: Tensor | None = None
+    ) -> None:
         self.name = name
         f32, i64 = torch.float32, torch.int64
         self.mean = torch.zeros(neurons, dtype=f32, device=device)
@@ -50,8 +57,12 @@ class SiteState:
         self.count = torch.zeros((), dtype=i64, device=device)
         self.selected_fraction = torch.zeros((), dtype=f32, device=device)
         self.nonfinite = torch.zeros((), dtype=i64, device=device)
-        # Step accumulator: not state (it never outlives a step), so not checkpointed.
-        self.accumulator = torch.zeros(2 * neurons + ACC_SCALARS, dtype=f32, device=device)
+        # Step accumulator: not state (it never outlives a step), so not checkpointed. The wrapper
+        # passes a view into one buffer shared by all sites, so the step's all-reduce is one call
+        # on that buffer, with no packing or copying back.
+        self.accumulator = (
+            torch.zeros(accumulator_size(neurons), dtype=f32, device=device) if accumulator is None else accumulator
+        )
 
     @property
     def neurons(self) -> int:
@@ -68,12 +79,6 @@ class SiteState:
             "selected_fraction": self.selected_fraction,
             "nonfinite": self.nonfinite,
         }
-
-    def move_to(self, device: torch.device) -> None:
-        """Move every tensor to ``device`` (once, when the model moved after wrapping)."""
-        for key, value in self.tensors().items():
-            setattr(self, key, value.to(device))
-        self.accumulator = self.accumulator.to(device)
 
     def __repr__(self) -> str:
         return f"SiteState(name={self.name!r}, neurons={self.neurons})"
@@ -169,7 +174,11 @@ def make_hook(
 
     def observe(z: Tensor) -> Tensor:
         if z.device != site.mean.device:
-            site.move_to(z.device)
+            raise RuntimeError(
+                f"L2E site {site.name!r} keeps its state on {site.mean.device} but its activation "
+                f"is on {z.device}: move the model to its device before building the optimizer "
+                "and the L2EWrapper (as torch.optim requires too)."
+            )
         config = runtime.config
         valid = _flat_mask(runtime.token_mask, z, site.name)
         out = z

@@ -19,7 +19,7 @@ from .config import L2EConfig
 from .discovery import SiteDiscoveryError, SiteSelector, resolve_sites, site_width
 from .distributed import start_all_reduce
 from .selection import initial_threshold
-from .site import SiteRuntime, SiteState, make_hook
+from .site import SiteRuntime, SiteState, accumulator_size, make_hook
 from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_base_state, validate_l2e_state
 
 Tap = Literal["input", "output"]
@@ -84,16 +84,16 @@ class L2EWrapper(torch.optim.Optimizer):
         self._step_count = torch.zeros((), dtype=torch.int64, device=device)
         self._runtime = SiteRuntime(config, self._step_count)
         tau0 = config.threshold_init or initial_threshold(config.ratio)
+        widths = {name: _site_width(name, modules[name], tap) for name in names}
+        devices = {name: _module_device(modules[name], device) for name in names}
+        self._buffers = _accumulator_buffers(widths, devices)
         self._sites: dict[str, SiteState] = {}
+        offsets = dict.fromkeys(self._buffers, 0)
         for name in names:
-            width = site_width(modules[name], tap)
-            if width is None:
-                raise SiteDiscoveryError(
-                    f"cannot tell the number of neurons of site {name!r} "
-                    f"({type(modules[name]).__name__}); point sites at linear layers: the down "
-                    "projection (tap='input') or the up projection (tap='output')."
-                )
-            self._sites[name] = SiteState(name, width, tau0, _module_device(modules[name], device))
+            size, where = accumulator_size(widths[name]), devices[name]
+            view = self._buffers[where][offsets[where] : offsets[where] + size]
+            offsets[where] += size
+            self._sites[name] = SiteState(name, widths[name], tau0, where, accumulator=view)
         self._handles: list[RemovableHandle] = []
         for name, site in self._sites.items():
             module = modules[name]
@@ -158,7 +158,7 @@ class L2EWrapper(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = start_all_reduce(self._accumulators(), self.process_group)
+        pending = start_all_reduce(list(self._buffers.values()), self.process_group)
         self._base.step()
         if pending is not None:
             pending.wait()
@@ -173,8 +173,8 @@ class L2EWrapper(torch.optim.Optimizer):
         """
         self._base.zero_grad(set_to_none=set_to_none)
         with torch.no_grad():
-            for acc in self._accumulators():
-                acc.zero_()
+            for buffer in self._buffers.values():
+                buffer.zero_()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the base optimizer."""
@@ -184,9 +184,6 @@ class L2EWrapper(torch.optim.Optimizer):
         for site in self._sites.values():
             commit_site(site, self.config)
         self._step_count.add_(1)
-
-    def _accumulators(self) -> list[Tensor]:
-        return [site.accumulator for site in self._sites.values()]
 
     # -- controls -------------------------------------------------------------------------------
     def set_token_mask(self, mask: Tensor | None) -> None:
@@ -316,6 +313,25 @@ class L2EWrapper(torch.optim.Optimizer):
             f"L2EWrapper(inhibition={self.config.inhibition!r}, ratio={self.config.ratio}, "
             f"strength={self.config.strength}, sites=[{sites}],\n  base=\n{base}\n)"
         )
+
+
+def _site_width(name: str, module: nn.Module, tap: str) -> int:
+    width = site_width(module, tap)
+    if width is None:
+        raise SiteDiscoveryError(
+            f"cannot tell the number of neurons of site {name!r} ({type(module).__name__}); point "
+            "sites at linear layers: the down projection (tap='input') or the up projection "
+            "(tap='output')."
+        )
+    return width
+
+
+def _accumulator_buffers(widths: dict[str, int], devices: dict[str, torch.device]) -> dict[torch.device, Tensor]:
+    """One zeroed fp32 buffer per device, sized for the accumulators of the sites on it."""
+    sizes: dict[torch.device, int] = {}
+    for name, width in widths.items():
+        sizes[devices[name]] = sizes.get(devices[name], 0) + accumulator_size(width)
+    return {where: torch.zeros(size, dtype=torch.float32, device=where) for where, size in sizes.items()}
 
 
 def _module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--seq-len", type=int, default=128, help="bytes per analysis window")
     ana.add_argument("--tokens", type=int, default=8192, help="tokens analysed (bytes, or tokenizer tokens)")
     ana.add_argument("--top", type=int, default=8, help="most monosemantic neurons listed")
-    ana.add_argument("--max-bytes", type=int, default=2_000_000, help="corpus size cap")
+    ana.add_argument("--max-bytes", type=int, default=1_000_000,
+                     help="corpus size cap in bytes (default 1,000,000: the demo's split)")
     _common(ana, "runs/analyze")
     return parser
 

@@ -215,3 +215,45 @@ def test_analyze_subword_model_uses_its_tokenizer(tmp_path: Path, capsys: pytest
     assert result["token_unit"] == "tokenizer tokens" and result["tokens"] == 256
     assert result["fkr"] is not None and all(0.0 <= v <= 1.0 for v in result["fkr"]["mean"])
     assert all(e["feature"] and "[" in e["context"] for n in result["top_neurons"] for e in n["examples"])
+
+
+def test_demo_on_plain_text_reports_fkr_not_available(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "notes"
+    text.mkdir()
+    for i in range(3):
+        (text / f"part{i}.txt").write_text(f"Chapter {i}. It was a bright cold day in April. " * 40)
+    code = main(["demo", *SMOKE, "--methods", "adamw,l2e", "--data", str(text), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["runs"]) == ["adamw", "l2e"]
+    for run in summary["runs"].values():
+        assert run["fkr_2pct"] is None and run["analysis"]["fkr"] is None
+        assert finite(run["val_loss"]) and finite(run["high_ms_share"])
+    assert "n/a" in printed
+
+
+def test_sigint_to_the_process_stops_at_a_step_boundary_and_saves(tmp_path: Path) -> None:
+    import re
+    import signal
+    import time
+
+    from l2e_optim._src.pretrain import RunSpec, setup
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l2e_optim", "demo", *SMOKE, "--steps", "5000", "--methods", "l2e", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 90
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the output folder appears once the Ctrl-C handler is in place
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    match = re.search(r"interrupted at step (\d+)/5000", err)
+    assert match, err
+    fresh = setup(RunSpec(method="l2e", steps=5000, batch_size=2, seq_len=32, width=32, layers=2))
+    loaded = load_checkpoint(out / "l2e" / "checkpoint.safetensors", fresh.optimizer, model=fresh.model,
+                             scheduler=fresh.scheduler)
+    assert loaded.metadata["steps_done"] == int(match.group(1)) == fresh.scheduler.last_epoch

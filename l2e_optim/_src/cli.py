@@ -22,6 +22,7 @@ from .analysis import analyze
 from .config import L2EConfig
 from .corpus import DataError, load_corpus
 from .discovery import SiteDiscoveryError, discover_sites
+from .interrupt import StepBoundaryInterrupt, StopRequested
 from .model_io import InputError, load_causal_lm, load_tokenizer, tokenize_bytes, token_renderer
 from .pretrain import METHODS, MODEL_SHAPES, RunResult, RunSpec, UnknownModelError, train
 from .report import analysis_png, analysis_table, check_writable, demo_png, demo_table, write_json
@@ -145,6 +146,15 @@ def _pick(flag: Any, smoke: Any, default: Any) -> Any:
 
 def run_demo(args: argparse.Namespace, on_step: Callable[[int, RunResult], None] | None = None) -> int:
     """Train each method, checkpoint it, analyse it; table, JSON and PNG at the end."""
+    with StepBoundaryInterrupt() as interrupt:  # from the start: a Ctrl-C while loading stops at step 1
+        return _demo(args, on_step, interrupt)
+
+
+def _demo(
+    args: argparse.Namespace,
+    on_step: Callable[[int, RunResult], None] | None,
+    interrupt: StepBoundaryInterrupt,
+) -> int:
     start = time.perf_counter()  # wall time covers data loading, training, analysis and files
     out = Path(args.out)
     specs = demo_specs(args)
@@ -159,20 +169,23 @@ def run_demo(args: argparse.Namespace, on_step: Callable[[int, RunResult], None]
 
     def track(step: int, result: RunResult) -> None:
         latest[:] = [result]
-        if on_step is not None:
-            on_step(step, result)
+        try:
+            if on_step is not None:
+                on_step(step, result)
+        except KeyboardInterrupt as error:  # raised between steps: as clean as Ctrl-C's flag
+            raise StopRequested from error
+        interrupt.check()
 
     try:
         for spec in specs:
             results[spec.method] = train(spec, corpus, progress=not args.no_progress, on_step=track)
             save_run(out / spec.method, results[spec.method], interrupted=False)
+            latest.clear()
+    except StopRequested:
+        return _interrupted(out, latest[0] if latest else None)
     except KeyboardInterrupt:
-        if latest:
-            run = latest[0]
-            save_run(out / run.spec.method, run, interrupted=True)
-            print(f"\ninterrupted at step {run.steps_done}/{run.spec.steps} of {run.spec.method!r}; "
-                  f"checkpoint kept in {out / run.spec.method}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(out, None)
+    interrupt.check()  # Ctrl-C during the last save: every run is saved; skip the analysis
     analysis_tokens = int(SMOKE["analysis_tokens"]) if args.smoke else 8192
     summary = demo_summary(args, corpus.sources, results, corpus, analysis_tokens, 0.0)
     note = demo_png(out / "demo.png", summary, _curves(results, summary))
@@ -182,6 +195,17 @@ def run_demo(args: argparse.Namespace, on_step: Callable[[int, RunResult], None]
     print(f"\nwall time {summary['wall_seconds']:.1f} s; wrote {out / 'summary.json'}"
           + (f" and {out / 'demo.png'}" if note is None else f"; {note}"))
     return EXIT_OK
+
+
+def _interrupted(out: Path, run: RunResult | None) -> int:
+    if run is None:
+        print("\nstopped at once: finished runs keep their checkpoints; the run in progress was not "
+              "saved (it may have stopped mid-step).", file=sys.stderr)
+    else:
+        save_run(out / run.spec.method, run, interrupted=True)
+        print(f"\ninterrupted at step {run.steps_done}/{run.spec.steps} of {run.spec.method!r}; "
+              f"checkpoint kept in {out / run.spec.method}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def save_run(folder: Path, run: RunResult, *, interrupted: bool) -> None:

@@ -154,9 +154,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    names = cache.get("variants", list(VARIANTS))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for seed in size.seeds:  # seed-major: every variant of a seed runs close together in time
-        for name, (method, options) in VARIANTS.items():
+        for name in names:
+            method, options = VARIANTS[name]
             config = None if method == "adamw" else L2EConfig(inhibition=method, warmup_steps=size.warmup_steps, **options)  # type: ignore[arg-type]
             run = train(spec(size, method, steps=size.compare_steps, width=size.compare_width,
                              layers=size.compare_layers, seed=seed, l2e=config), corpus, progress=False)
@@ -275,18 +277,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", default=None, help="figures folder (default docs/figures)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--scale-steps", type=int, default=None, help="override the scale models' steps")
+    parser.add_argument("--compare-steps", type=int, default=None, help="override the compare runs' steps")
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
+                        help="compare only these variants (default: all; adamw is always included)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
     if args.scale_steps:
         size = dataclasses.replace(size, scale_steps=args.scale_steps)
+    if args.compare_steps:
+        size = dataclasses.replace(size, compare_steps=args.compare_steps)
+    cache: dict[str, Any] = {"variants": ["adamw", *(v for v in args.variants or VARIANTS if v != "adamw")]}
     out = pathlib.Path(args.out or "docs/results")
     figures = pathlib.Path(args.figures or (out if args.quick else "docs/figures"))
     out.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(max_bytes=size.corpus_bytes)
-    cache: dict[str, Any] = {}
     names = EXPERIMENTS if "all" in args.experiment else tuple(dict.fromkeys(args.experiment))
     for name in names:
         start, start_cpu = time.perf_counter(), time.process_time()

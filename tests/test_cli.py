@@ -257,3 +257,10 @@ def test_sigint_to_the_process_stops_at_a_step_boundary_and_saves(tmp_path: Path
     loaded = load_checkpoint(out / "l2e" / "checkpoint.safetensors", fresh.optimizer, model=fresh.model,
                              scheduler=fresh.scheduler)
     assert loaded.metadata["steps_done"] == int(match.group(1)) == fresh.scheduler.last_epoch
+
+
+def test_bad_threads_and_methods_and_main_restores_threads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = torch.get_num_threads()
+    run_bad(["demo", *SMOKE, "--threads", "0", "--out", str(tmp_path)], capsys, "--threads=0")
+    run_bad(["demo", *SMOKE, "--methods", "adamw,sgd", "--out", str(tmp_path)], capsys, "--methods")
+    assert torch.get_num_threads() == before

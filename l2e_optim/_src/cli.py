@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[int, RunResult
     ``on_step`` is passed to every training run (tests use it to simulate Ctrl-C).
     """
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()  # restored on the way out: main() may run inside a host process
     try:
         _check_device(args.device)
         if args.threads < 1:
@@ -94,6 +95,8 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[int, RunResult
     except KeyboardInterrupt:
         print(f"l2e-optim {args.command}: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_device(device: str) -> None:

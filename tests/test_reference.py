@@ -36,7 +36,7 @@ def run_merges(batches: list[torch.Tensor], forget: int | None) -> tuple[torch.T
     mean, var = torch.zeros(n), torch.zeros(n)
     for batch in batches:
         d = batch - mean
-        s1, s2 = shifted_sums(d, None)
+        s1, s2 = shifted_sums(d, d * d, None)
         tokens = torch.tensor(float(batch.shape[0]))
         mu_b, var_b = moments_from_sums(tokens, s1, s2, mean)
         mean, var = merge_moments(count, mean, var, tokens, mu_b, var_b, forget)

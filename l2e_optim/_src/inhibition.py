@@ -10,12 +10,14 @@ import torch
 from torch import Tensor
 
 
-def log_ms_grad(d: Tensor, selected: Tensor, log_eps: float) -> Tensor:
+def log_ms_grad(d: Tensor, selected: Tensor, log_eps: float, dsq: Tensor | None = None) -> Tensor:
     """d/dz of ``sum over selected of log((z - mean)^2 + log_eps)``, with ``d = z - mean``.
 
-    Returns ``2 d / (d^2 + log_eps)`` where selected, 0 elsewhere (fp32, shape of ``d``).
+    Returns ``2 d / (d^2 + log_eps)`` where selected, 0 elsewhere (fp32, shape of ``d``);
+    ``dsq`` may pass ``d * d`` when the caller already has it.
     """
-    return (2.0 * d / (d * d + log_eps)) * selected
+    dsq = d * d if dsq is None else dsq
+    return (2.0 * d / (dsq + log_eps)) * selected
 
 
 def reverse_deactivation(z: Tensor, selected: Tensor, mean: Tensor, scale: float) -> Tensor:

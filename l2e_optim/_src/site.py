@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import L2EConfig
 from .inhibition import log_ms_grad, reverse_deactivation
-from .selection import monosemanticity_scores, retrieve
+from .selection import monosemanticity_scores, retrieve, score_denominator
 from .statistics import shifted_sums
 
 # Layout of a site's step accumulator (fp32, all-reduced as one block): the shifted sums
@@ -109,14 +109,18 @@ class _Tap(torch.autograd.Function):
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
         z2 = rearrange(z, "... n -> (...) n").float()  # [tokens, N]
         d = z2 - mean  # shift K = running mean: identical on every rank, keeps sums small
-        phi = monosemanticity_scores(z2, mean, var, eps=eps)
+        dsq = d * d
+        phi = dsq / score_denominator(var, eps)  # = monosemanticity_scores(z2, mean, var, eps=eps)
         eligible = count > 0  # nothing is monosemantic before any statistics exist
         if valid is not None:
             eligible = eligible & (valid[:, None] > 0)
         over = (phi >= tau) & eligible  # what the moving threshold counts, whatever inhibits
-        finite = torch.isfinite(z2).all()  # a device bool: skipping costs no host sync
+        s1, s2 = shifted_sums(d, dsq, valid)
+        # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
+        # A device bool, so skipping the micro-batch costs no host sync.
+        finite = torch.isfinite(s2).all()
         tokens = valid.sum() if valid is not None else z2.new_full((), float(z2.shape[0]))
-        _accumulate(acc, d, valid, tokens, over, finite)
+        _accumulate(acc, s1, s2, tokens, over, finite)
         if coef == 0.0:
             return grad, None, None, None, None
         selected = over if retrieval == "threshold" else retrieve(phi, retrieval, tau, ratio, topk) & eligible
@@ -124,15 +128,12 @@ class _Tap(torch.autograd.Function):
         scale = torch.where(active, coef / tokens.clamp_min(1.0), 0.0)
         if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
             scale = scale * ctx.loss_scale
-        extra = (scale * log_ms_grad(d, selected, log_eps)).reshape(grad.shape)
+        extra = (scale * log_ms_grad(d, selected, log_eps, dsq)).reshape(grad.shape)
         return grad + extra.to(grad.dtype), None, None, None, None
 
 
-def _accumulate(
-    acc: Tensor, d: Tensor, valid: Tensor | None, tokens: Tensor, selected: Tensor, finite: Tensor
-) -> None:
-    n = d.shape[-1]
-    s1, s2 = shifted_sums(d, valid)
+def _accumulate(acc: Tensor, s1: Tensor, s2: Tensor, tokens: Tensor, selected: Tensor, finite: Tensor) -> None:
+    n = s1.shape[0]
     zero = torch.zeros((), dtype=acc.dtype, device=acc.device)
     acc[:n] += torch.where(finite, s1, zero)
     acc[n : 2 * n] += torch.where(finite, s2, zero)

@@ -13,18 +13,18 @@ from einops import reduce
 from torch import Tensor
 
 
-def shifted_sums(d: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+def shifted_sums(d: Tensor, dsq: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """Per-neuron sums of ``d`` and ``d**2`` over token rows.
 
     Args:
         d: ``z - K`` in fp32, ``[tokens, neurons]``.
+        dsq: ``d * d`` (the caller needs it for the scores too, so it is computed once).
         valid: optional ``[tokens]`` 0/1 weights (padding mask); ``None`` counts every row.
     """
     if valid is not None:
-        d = d * valid[:, None]  # padded rows contribute 0 to both sums (valid is 0/1)
-    s1 = reduce(d, "t n -> n", "sum")
-    s2 = reduce(d * d, "t n -> n", "sum")
-    return s1, s2
+        # A [tokens] x [tokens, N] product: masks the rows without a masked [tokens, N] copy.
+        return valid @ d, valid @ dsq
+    return reduce(d, "t n -> n", "sum"), reduce(dsq, "t n -> n", "sum")
 
 
 def moments_from_sums(

@@ -223,7 +223,7 @@ def _stdlib_files() -> list[Path]:
         and not p.name.startswith("_sysconfigdata")
     ]
     # A seeded shuffle spreads a small byte budget over the whole library, not just "a*".
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()  # sync-ok: CPU file order
     return [files[i] for i in order]
 
 

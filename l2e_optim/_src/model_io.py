@@ -145,7 +145,7 @@ def tokenize_bytes(
     """
     import torch
 
-    text = bytes(data[:max_bytes].tolist()).decode("utf-8", errors="ignore")
+    text = bytes(data[:max_bytes].tolist()).decode("utf-8", errors="ignore")  # sync-ok: report text
     fast = bool(getattr(tokenizer, "is_fast", False))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
     ids = torch.tensor(encoded["input_ids"], dtype=torch.int64)
@@ -162,7 +162,7 @@ def token_renderer(tokenizer: Any, before: int = 8, after: int = 3) -> Any:
 
     def render(ids: Tensor, position: int) -> str:
         def text(lo: int, hi: int) -> str:
-            piece: str = tokenizer.decode(ids[max(0, lo) : max(0, hi)].tolist())
+            piece: str = tokenizer.decode(ids[max(0, lo) : max(0, hi)].tolist())  # sync-ok: report text
             return piece.replace("\n", "\\n").replace("\t", "\\t")
 
         return f"{text(position - before, position)}[{text(position, position + 1)}]{text(position + 1, position + 1 + after)}"

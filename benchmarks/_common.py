@@ -28,6 +28,8 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
+        # glibc allocator settings change CPU timings a lot (docs/benchmarks.md): record them.
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
 
 

@@ -64,7 +64,7 @@ class Size:
 FULL = Size(
     corpus_bytes=400_000, batch=8, seq=64, scale_steps=1000,
     scale_models=((32, 2), (48, 3), (64, 4), (96, 4), (128, 6)),
-    probe_windows=64, compare_steps=200, compare_width=64, compare_layers=4, seeds=(0, 1, 2),
+    probe_windows=64, compare_steps=600, compare_width=64, compare_layers=4, seeds=(0, 1, 2),
     threshold_steps=300, planted_tokens=8192, planted_neurons=512, warmup_steps=10,
 )
 QUICK = Size(
@@ -163,6 +163,10 @@ def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]
             run = train(spec(size, method, steps=size.compare_steps, width=size.compare_width,
                              layers=size.compare_layers, seed=seed, l2e=config), corpus, progress=False)
             runs[name].append(_run_metrics(run, corpus, size))
+    control = _strength_zero_control(corpus, size, seed=size.seeds[0])
+    assert control == runs["adamw"][0]["val_loss"], (
+        f"L2E with strength 0 must train exactly like AdamW: val loss {control} != {runs['adamw'][0]['val_loss']}"
+    )
     base_time = [r["median_step_s"] for r in runs["adamw"]]
     base_loss = [r["val_loss"] for r in runs["adamw"]]
     table = {}
@@ -174,7 +178,16 @@ def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]
         table[name]["val_loss_delta_vs_adamw"] = _mean_std([r["val_loss"] - b for r, b in zip(rs, base_loss)])
         table[name]["step_time_ratio"] = _mean_std([r["median_step_s"] / b for r, b in zip(rs, base_time)])
     return {"steps": size.compare_steps, "width": size.compare_width, "layers": size.compare_layers,
-            "seeds": list(size.seeds), "variants": table, "runs": runs}
+            "seeds": list(size.seeds), "variants": table, "runs": runs,
+            "checks": {"strength0_val_loss_equals_adamw": True}}
+
+
+def _strength_zero_control(corpus: Corpus, size: Size, seed: int) -> float:
+    """Validation loss of L2E (all blocks) with strength 0: the harness itself must not matter."""
+    config = L2EConfig(strength=0.0, layers="all", warmup_steps=size.warmup_steps)
+    run = train(spec(size, "l2e", steps=size.compare_steps, width=size.compare_width,
+                     layers=size.compare_layers, seed=seed, l2e=config), corpus, progress=False)
+    return float(run.val_loss[-1][1])
 
 
 def _run_metrics(run: RunResult, corpus: Corpus, size: Size) -> dict[str, Any]:

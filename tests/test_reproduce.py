@@ -69,6 +69,7 @@ def test_compare(results: dict[str, dict[str, Any]]) -> None:
         if name != "adamw":
             assert v["selected_fraction"]["mean"] > 0.0, f"{name} selected nothing"
     assert r["variants"]["adamw"]["val_loss_delta_vs_adamw"]["mean"] == 0.0
+    assert r["checks"]["strength0_val_loss_equals_adamw"] is True
 
 
 def test_threshold(results: dict[str, dict[str, Any]]) -> None:

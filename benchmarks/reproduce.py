@@ -151,6 +151,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "l2e/mid-third": ("l2e", {"layers": "mid-third"}),
     "l2e/all": ("l2e", {"layers": "all"}),
 }
+#: Selectable with --variants only (not part of the default compare).
+EXTRA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "l2e/strength-1e-4": ("l2e", {"strength": 1e-4}),
+    "l2e/strength-1e-2": ("l2e", {"strength": 1e-2}),
+}
 
 
 def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +163,7 @@ def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for seed in size.seeds:  # seed-major: every variant of a seed runs close together in time
         for name in names:
-            method, options = VARIANTS[name]
+            method, options = {**VARIANTS, **EXTRA_VARIANTS}[name]
             config = None if method == "adamw" else L2EConfig(inhibition=method, warmup_steps=size.warmup_steps, **options)  # type: ignore[arg-type]
             run = train(spec(size, method, steps=size.compare_steps, width=size.compare_width,
                              layers=size.compare_layers, seed=seed, l2e=config), corpus, progress=False)
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--scale-steps", type=int, default=None, help="override the scale models' steps")
     parser.add_argument("--compare-steps", type=int, default=None, help="override the compare runs' steps")
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
+    parser.add_argument("--variants", nargs="+", choices=(*VARIANTS, *EXTRA_VARIANTS), default=None,
                         help="compare only these variants (default: all; adamw is always included)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -17,7 +17,20 @@ def log_ms_grad(d: Tensor, selected: Tensor, log_eps: float, dsq: Tensor | None 
     ``dsq`` may pass ``d * d`` when the caller already has it.
     """
     dsq = d * d if dsq is None else dsq
-    return (2.0 * d / (dsq + log_eps)) * selected
+    # where, not a product with the mask: unselected entries are exactly 0 even where d is not finite.
+    return torch.where(selected, 2.0 * d / (dsq + log_eps), 0.0)
+
+
+def log_ms_grad_(d: Tensor, dsq: Tensor, selected: Tensor, log_eps: float) -> Tensor:
+    """:func:`log_ms_grad` computed in place in ``dsq`` (which it destroys), returned.
+
+    The tap's backward no longer needs ``d * d`` once it has taken its sums and masks; reusing
+    that buffer keeps the tap's transient memory at two fp32 ``[tokens, N]`` tensors.
+    """
+    out = dsq.add_(log_eps)
+    torch.div(d, out, out=out)
+    out.mul_(2.0)
+    return out.masked_fill_(~selected, 0.0)
 
 
 def reverse_deactivation(z: Tensor, selected: Tensor, mean: Tensor, scale: float) -> Tensor:

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import L2EConfig
-from .inhibition import log_ms_grad, reverse_deactivation
+from .inhibition import log_ms_grad_, reverse_deactivation
 from .selection import monosemanticity_scores, retrieve, score_denominator
 from .statistics import shifted_sums
 
@@ -107,29 +107,36 @@ class _Tap(torch.autograd.Function):
         z, valid = ctx.saved_tensors
         mean, var, tau, count, step, acc = ctx.site
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
-        z2 = rearrange(z, "... n -> (...) n").float()  # [tokens, N]
-        d = z2 - mean  # shift K = running mean: identical on every rank, keeps sums small
+        # Shift K = running mean: identical on every rank, keeps the sums small. One expression,
+        # so a bf16 activation's fp32 copy is freed at once.
+        d = rearrange(z, "... n -> (...) n").float() - mean  # [tokens, N]
         dsq = d * d
-        phi = dsq / score_denominator(var, eps)  # = monosemanticity_scores(z2, mean, var, eps=eps)
-        eligible = count > 0  # nothing is monosemantic before any statistics exist
+        denom = score_denominator(var, eps)  # [N]
+        # phi >= tau  <=>  d^2 >= tau * denom: one comparison, no [tokens, N] score tensor. Before
+        # a site has statistics (count 0) nothing is monosemantic: its bar is +inf.
+        bar = torch.where(count > 0, tau, torch.inf) * denom  # [N]
+        over = dsq >= bar  # what the moving threshold counts, whatever inhibits
         if valid is not None:
-            eligible = eligible & (valid[:, None] > 0)
-        over = (phi >= tau) & eligible  # what the moving threshold counts, whatever inhibits
+            over &= valid[:, None] > 0
         s1, s2 = shifted_sums(d, dsq, valid)
         # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
         # A device bool, so skipping the micro-batch costs no host sync.
         finite = torch.isfinite(s2).all()
-        tokens = valid.sum() if valid is not None else z2.new_full((), float(z2.shape[0]))
+        tokens = valid.sum() if valid is not None else d.new_full((), float(d.shape[0]))
         _accumulate(acc, s1, s2, tokens, over, finite)
         if coef == 0.0:
             return grad, None, None, None, None
-        selected = over if retrieval == "threshold" else retrieve(phi, retrieval, tau, ratio, topk) & eligible
+        selected = over
+        if retrieval != "threshold":
+            selected = retrieve(dsq / denom, retrieval, tau, ratio, topk) & (count > 0)
+            if valid is not None:
+                selected &= valid[:, None] > 0
         active = finite & (step >= warmup)
         scale = torch.where(active, coef / tokens.clamp_min(1.0), 0.0)
         if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
             scale = scale * ctx.loss_scale
-        extra = (scale * log_ms_grad(d, selected, log_eps, dsq)).reshape(grad.shape)
-        return grad + extra.to(grad.dtype), None, None, None, None
+        extra = log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
+        return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None
 
 
 def _accumulate(acc: Tensor, s1: Tensor, s2: Tensor, tokens: Tensor, selected: Tensor, finite: Tensor) -> None:

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import L2EConfig
-from .inhibition import log_ms_grad_, reverse_deactivation
+from .inhibition import half_log_ms_grad_, reverse_deactivation
 from .selection import monosemanticity_scores, retrieve, score_denominator
 from .statistics import shifted_sums
 
@@ -132,10 +132,10 @@ class _Tap(torch.autograd.Function):
             if valid is not None:
                 selected &= valid[:, None] > 0
         active = finite & (step >= warmup)
-        scale = torch.where(active, coef / tokens.clamp_min(1.0), 0.0)
+        scale = torch.where(active, 2.0 * coef / tokens.clamp_min(1.0), 0.0)  # 2: d/dz log d^2 = 2/d
         if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
             scale = scale * ctx.loss_scale
-        extra = log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
+        extra = half_log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
         return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None
 
 

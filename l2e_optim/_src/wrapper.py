@@ -16,10 +16,11 @@ from torch.utils.hooks import RemovableHandle
 
 from .commit import commit_site
 from .config import L2EConfig
-from .discovery import SiteDiscoveryError, SiteSelector, resolve_sites, site_width
+from .discovery import SiteSelector, resolve_sites
 from .distributed import start_all_reduce
 from .selection import initial_threshold
-from .site import SiteRuntime, SiteState, accumulator_size, make_hook
+from .layout import build_sites, module_device
+from .site import SiteRuntime, SiteState, make_hook
 from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_base_state, validate_l2e_state
 
 Tap = Literal["input", "output"]
@@ -74,7 +75,7 @@ class L2EWrapper(torch.optim.Optimizer):
             raise ValueError("tap='output' needs explicit sites (e.g. the MLP up projections).")
         names = resolve_sites(model, sites, config.layers)
         modules = dict(model.named_modules())
-        device = _module_device(model)
+        device = module_device(model)
 
         self._base = base_optimizer
         self._init_hook_dicts()
@@ -84,16 +85,7 @@ class L2EWrapper(torch.optim.Optimizer):
         self._step_count = torch.zeros((), dtype=torch.int64, device=device)
         self._runtime = SiteRuntime(config, self._step_count)
         tau0 = config.threshold_init or initial_threshold(config.ratio)
-        widths = {name: _site_width(name, modules[name], tap) for name in names}
-        devices = {name: _module_device(modules[name], device) for name in names}
-        self._buffers = _accumulator_buffers(widths, devices)
-        self._sites: dict[str, SiteState] = {}
-        offsets = dict.fromkeys(self._buffers, 0)
-        for name in names:
-            size, where = accumulator_size(widths[name]), devices[name]
-            view = self._buffers[where][offsets[where] : offsets[where] + size]
-            offsets[where] += size
-            self._sites[name] = SiteState(name, widths[name], tau0, where, accumulator=view)
+        self._sites, self._buffers = build_sites(modules, names, tap, tau0, device)
         self._handles: list[RemovableHandle] = []
         for name, site in self._sites.items():
             module = modules[name]
@@ -313,30 +305,3 @@ class L2EWrapper(torch.optim.Optimizer):
             f"L2EWrapper(inhibition={self.config.inhibition!r}, ratio={self.config.ratio}, "
             f"strength={self.config.strength}, sites=[{sites}],\n  base=\n{base}\n)"
         )
-
-
-def _site_width(name: str, module: nn.Module, tap: str) -> int:
-    width = site_width(module, tap)
-    if width is None:
-        raise SiteDiscoveryError(
-            f"cannot tell the number of neurons of site {name!r} ({type(module).__name__}); point "
-            "sites at linear layers: the down projection (tap='input') or the up projection "
-            "(tap='output')."
-        )
-    return width
-
-
-def _accumulator_buffers(widths: dict[str, int], devices: dict[str, torch.device]) -> dict[torch.device, Tensor]:
-    """One zeroed fp32 buffer per device, sized for the accumulators of the sites on it."""
-    sizes: dict[torch.device, int] = {}
-    for name, width in widths.items():
-        sizes[devices[name]] = sizes.get(devices[name], 0) + accumulator_size(width)
-    return {where: torch.zeros(size, dtype=torch.float32, device=where) for where, size in sizes.items()}
-
-
-def _module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
-    for param in module.parameters():
-        return param.device
-    for buffer in module.buffers():
-        return buffer.device
-    return default if default is not None else torch.device("cpu")

@@ -1,0 +1,55 @@
+"""Where sites live: their widths, devices, state and the shared step-accumulator buffers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .discovery import SiteDiscoveryError, site_width
+from .site import SiteState, accumulator_size
+
+
+def build_sites(
+    modules: Mapping[str, nn.Module], names: Sequence[str], tap: str, threshold: float, default: torch.device
+) -> tuple[dict[str, SiteState], dict[torch.device, Tensor]]:
+    """A fresh :class:`SiteState` per name, their accumulators views into one buffer per device.
+
+    One buffer per device (one, unless a single process spreads the model over several devices)
+    lets the step's all-reduce run on it directly: no packing, no copying back.
+    """
+    widths = {name: _width(name, modules[name], tap) for name in names}
+    devices = {name: module_device(modules[name], default) for name in names}
+    sizes: dict[torch.device, int] = {}
+    for name in names:
+        sizes[devices[name]] = sizes.get(devices[name], 0) + accumulator_size(widths[name])
+    buffers = {where: torch.zeros(size, dtype=torch.float32, device=where) for where, size in sizes.items()}
+    offsets = dict.fromkeys(buffers, 0)
+    sites = {}
+    for name in names:
+        where, size = devices[name], accumulator_size(widths[name])
+        view = buffers[where][offsets[where] : offsets[where] + size]
+        offsets[where] += size
+        sites[name] = SiteState(name, widths[name], threshold, where, accumulator=view)
+    return sites, buffers
+
+
+def module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    """Device of the module's first parameter (or buffer); ``default`` (else CPU) if it has none."""
+    for param in module.parameters():
+        return param.device
+    for buffer in module.buffers():
+        return buffer.device
+    return default if default is not None else torch.device("cpu")
+
+
+def _width(name: str, module: nn.Module, tap: str) -> int:
+    width = site_width(module, tap)
+    if width is None:
+        raise SiteDiscoveryError(
+            f"cannot tell the number of neurons of site {name!r} ({type(module).__name__}); point "
+            "sites at linear layers: the down projection (tap='input') or the up projection "
+            "(tap='output')."
+        )
+    return width

@@ -155,6 +155,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 EXTRA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "l2e/strength-1e-4": ("l2e", {"strength": 1e-4}),
     "l2e/strength-1e-2": ("l2e", {"strength": 1e-2}),
+    # The control: the same penalty on a random 2% of values, blind to monosemanticity.
+    "l2e/random": ("l2e", {"retrieval": "random"}),
 }
 
 

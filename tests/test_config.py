@@ -31,7 +31,7 @@ from l2e_optim import ConfigError, L2EConfig
         ("grad_accumulation_steps", 0, "grad_accumulation_steps=0"),
         ("threshold_lr", 0.0, "threshold_lr=0.0 must be a finite number > 0"),
         ("threshold_init", -3.0, "threshold_init=-3.0"),
-        ("retrieval", "random", "retrieval='random' is not one of"),
+        ("retrieval", "lottery", "retrieval='lottery' is not one of"),
     ],
 )
 def test_bad_values_name_the_field_and_range(field: str, value: object, message: str) -> None:
@@ -46,6 +46,7 @@ def test_defaults_are_the_papers() -> None:
     assert config.resolved_retrieval == "threshold"
     assert L2EConfig(inhibition="memel").resolved_retrieval == "token-topk"
     assert L2EConfig(inhibition="memel", retrieval="threshold").resolved_retrieval == "threshold"
+    assert L2EConfig(retrieval="random").resolved_retrieval == "random"
 
 
 def test_frozen_and_keyword_only() -> None:

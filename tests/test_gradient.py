@@ -227,3 +227,31 @@ def test_plain_model_l2e_gradient(corpus: torch.Tensor) -> None:
     model.loss(ids).backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad.double(), q.grad.double(), rtol=2e-4, atol=1e-7)
+
+
+def test_random_retrieval_penalises_a_random_ratio_blind_to_scores(corpus: torch.Tensor) -> None:
+    # One site, so only its own penalty reaches the gradient of its activation.
+    config = L2EConfig(strength=0.1, warmup_steps=0, ratio=0.1, retrieval="random", layers=(1,))
+    model, opt, data = warmed_up(config, corpus)
+    name = next(iter(opt.sites))
+    site = opt.sites[name]
+    grads: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+
+    def keep(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        inputs.append(args[0].detach())
+        args[0].register_hook(grads.append)
+
+    dict(model.named_modules())[name].register_forward_pre_hook(keep, prepend=True)
+    ids = torch.cat([next(data) for _ in range(8)])  # type: ignore[call-overload]
+    lm_loss(model, ids).backward()
+    with_l2e = grads.pop().reshape(-1, site.neurons)
+    with opt.paused():
+        lm_loss(model, ids).backward()
+    touched = with_l2e != grads.pop().reshape(-1, site.neurons)
+    fraction = float(touched.double().mean())
+    assert 0.08 < fraction < 0.12, fraction  # about ratio = 10% of the values, at random
+    phi = reference.scores(inputs[0].reshape(-1, site.neurons)[:16], site.mean, site.var, config.eps)
+    top = phi >= phi.flatten().quantile(0.9)
+    # Blind to the scores: the top-scoring tenth is touched about as often as the rest.
+    assert abs(float(touched[:16][top].double().mean()) - fraction) < 0.08

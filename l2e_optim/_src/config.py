@@ -8,11 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 Inhibition = Literal["l2e", "memel", "none"]
-Retrieval = Literal["auto", "threshold", "batch-topk", "token-topk"]
+Retrieval = Literal["auto", "threshold", "batch-topk", "token-topk", "random"]
 LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
 
 _INHIBITIONS = ("l2e", "memel", "none")
-_RETRIEVALS = ("auto", "threshold", "batch-topk", "token-topk")
+_RETRIEVALS = ("auto", "threshold", "batch-topk", "token-topk", "random")
 _LAYER_NAMES = ("mid-2", "mid-third", "all")
 
 
@@ -49,8 +49,10 @@ class L2EConfig:
         retrieval: which values are inhibited. ``"threshold"``: score >= the moving threshold
             (L2E); ``"token-topk"``: each token's ``memel_topk`` highest scores (MEmeL);
             ``"batch-topk"``: the exact top ``ratio`` of the micro-batch's scores (the in-batch
-            ranking L2E replaces; for ablations, costs a top-k per micro-batch). ``"auto"``:
-            threshold for "l2e", token-topk for "memel".
+            ranking L2E replaces; for ablations, costs a top-k per micro-batch); ``"random"``: a
+            random ``ratio`` of the values, blind to the scores (the control that tells inhibiting
+            *monosemantic* values from generic noise on the activations; draws from torch's
+            global RNG). ``"auto"``: threshold for "l2e", token-topk for "memel".
     """
 
     inhibition: Inhibition = "l2e"
@@ -92,7 +94,7 @@ class L2EConfig:
         object.__setattr__(self, "layers", _normalise_layers(self.layers))
 
     @property
-    def resolved_retrieval(self) -> Literal["threshold", "batch-topk", "token-topk"]:
+    def resolved_retrieval(self) -> Literal["threshold", "batch-topk", "token-topk", "random"]:
         """``retrieval`` with ``"auto"`` resolved for this inhibition mode."""
         if self.retrieval != "auto":
             return self.retrieval

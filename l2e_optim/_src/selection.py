@@ -62,11 +62,13 @@ def batch_topk_mask(scores: Tensor, ratio: float) -> Tensor:
 def retrieve(
     scores: Tensor, retrieval: str, tau: Tensor, ratio: float, topk: int
 ) -> Tensor:
-    """The values to inhibit under ``retrieval`` ("threshold", "batch-topk" or "token-topk")."""
+    """The values to inhibit under ``retrieval`` ("threshold", "batch-topk", "token-topk", "random")."""
     if retrieval == "threshold":
         return scores >= tau
     if retrieval == "batch-topk":
         return batch_topk_mask(scores, ratio)
+    if retrieval == "random":
+        return torch.rand_like(scores) < ratio
     return per_token_topk_mask(scores, topk)
 
 

@@ -306,10 +306,16 @@ def test_loader_never_unpickles(good: tuple[pathlib.Path, Run], monkeypatch: pyt
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the loader must not unpickle")
 
+    path, target = good
+    saved_weights, _ = read(path)
     for owner, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
         monkeypatch.setattr(owner, name, refuse)
-    path, target = good
     load_checkpoint(path, target.opt, model=target.model, scheduler=target.sched)
+    monkeypatch.undo()
+    # The load really happened (the target was trained from another seed for one step).
+    assert int(target.opt.step_count) == BEFORE
+    name, param = next(iter(target.model.named_parameters()))
+    assert torch.equal(param, saved_weights[f"model.{name}"])
 
 
 def test_crash_mid_save_leaves_the_earlier_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:

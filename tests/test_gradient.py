@@ -175,29 +175,35 @@ def test_memel_gradient_is_reversed_on_selected_values(corpus: torch.Tensor) -> 
                                grads["out"].reshape(-1, site.neurons).double() * slope)
 
 
-def test_batch_topk_retrieval_inhibits_exactly_the_top_ratio(corpus: torch.Tensor) -> None:
-    # One site, so no other site's penalty reaches this activation's gradient.
-    config = L2EConfig(strength=0.1, warmup_steps=0, ratio=0.05, retrieval="batch-topk", layers=(1,))
-    model, opt, data = warmed_up(config, corpus)
-    name = next(iter(opt.sites))
-    site = opt.sites[name]
-    module = dict(model.named_modules())[name]
+def penalised_values(model: nn.Module, opt: L2EWrapper, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the wrapper's single site: which activation values the penalty touched, and the values.
+
+    Compares the gradient reaching the site's activation with and without the hooks.
+    """
+    (name, site), = opt.sites.items()
     grads: list[torch.Tensor] = []
     inputs: list[torch.Tensor] = []
 
     def keep(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        inputs.append(args[0].detach())
+        inputs.append(args[0].detach().reshape(-1, site.neurons))
         args[0].register_hook(grads.append)
 
-    module.register_forward_pre_hook(keep, prepend=True)
-    ids = next(data)  # type: ignore[call-overload]
+    handle = dict(model.named_modules())[name].register_forward_pre_hook(keep, prepend=True)
     lm_loss(model, ids).backward()
-    with_l2e = grads.pop().reshape(-1, site.neurons)
     with opt.paused():
         lm_loss(model, ids).backward()
-    without = grads.pop().reshape(-1, site.neurons)
-    touched = (with_l2e != without)
-    phi = reference.scores(inputs[0].reshape(-1, site.neurons), site.mean, site.var, config.eps)
+    handle.remove()
+    with_l2e, without = (g.reshape(-1, site.neurons) for g in grads)
+    return with_l2e != without, inputs[0]
+
+
+def test_batch_topk_retrieval_inhibits_exactly_the_top_ratio(corpus: torch.Tensor) -> None:
+    # One site, so no other site's penalty reaches this activation's gradient.
+    config = L2EConfig(strength=0.1, warmup_steps=0, ratio=0.05, retrieval="batch-topk", layers=(1,))
+    model, opt, data = warmed_up(config, corpus)
+    site = next(iter(opt.sites.values()))
+    touched, z = penalised_values(model, opt, next(data))  # type: ignore[call-overload]
+    phi = reference.scores(z, site.mean, site.var, config.eps)
     k = int(torch.tensor(0.05 * phi.numel()).ceil())
     rows, cols = torch.unravel_index(torch.topk(phi.flatten(), k).indices, phi.shape)
     top = set(zip(rows.tolist(), cols.tolist()))
@@ -233,25 +239,11 @@ def test_random_retrieval_penalises_a_random_ratio_blind_to_scores(corpus: torch
     # One site, so only its own penalty reaches the gradient of its activation.
     config = L2EConfig(strength=0.1, warmup_steps=0, ratio=0.1, retrieval="random", layers=(1,))
     model, opt, data = warmed_up(config, corpus)
-    name = next(iter(opt.sites))
-    site = opt.sites[name]
-    grads: list[torch.Tensor] = []
-    inputs: list[torch.Tensor] = []
-
-    def keep(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        inputs.append(args[0].detach())
-        args[0].register_hook(grads.append)
-
-    dict(model.named_modules())[name].register_forward_pre_hook(keep, prepend=True)
-    ids = torch.cat([next(data) for _ in range(8)])  # type: ignore[call-overload]
-    lm_loss(model, ids).backward()
-    with_l2e = grads.pop().reshape(-1, site.neurons)
-    with opt.paused():
-        lm_loss(model, ids).backward()
-    touched = with_l2e != grads.pop().reshape(-1, site.neurons)
+    site = next(iter(opt.sites.values()))
+    touched, z = penalised_values(model, opt, torch.cat([next(data) for _ in range(8)]))  # type: ignore[call-overload]
     fraction = float(touched.double().mean())
     assert 0.08 < fraction < 0.12, fraction  # about ratio = 10% of the values, at random
-    phi = reference.scores(inputs[0].reshape(-1, site.neurons)[:16], site.mean, site.var, config.eps)
+    phi = reference.scores(z[:16], site.mean, site.var, config.eps)
     top = phi >= phi.flatten().quantile(0.9)
     # Blind to the scores: the top-scoring tenth is touched about as often as the rest.
     assert abs(float(touched[:16][top].double().mean()) - fraction) < 0.08

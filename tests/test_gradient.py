@@ -83,9 +83,11 @@ def explicit_grads(
     return {name: p.grad.double() for name, p in twin.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("strength", "log_eps"), [(0.05, 1e-6), (0.2, 1e-2)])
-def test_l2e_gradient_equals_autograd_of_explicit_loss(corpus: torch.Tensor, strength: float, log_eps: float) -> None:
-    config = L2EConfig(strength=strength, log_eps=log_eps, warmup_steps=0, ratio=0.05)
+@pytest.mark.parametrize(("strength", "log_eps", "eps"), [(0.05, 1e-6, 0.01), (0.2, 1e-2, 0.5)])
+def test_l2e_gradient_equals_autograd_of_explicit_loss(
+    corpus: torch.Tensor, strength: float, log_eps: float, eps: float
+) -> None:
+    config = L2EConfig(strength=strength, log_eps=log_eps, eps=eps, warmup_steps=0, ratio=0.05)
     model, opt, data = warmed_up(config, corpus)
     ids = next(data)  # type: ignore[call-overload]
     expected = explicit_grads(model, opt, ids, config)

@@ -335,7 +335,9 @@ def test_crash_mid_save_leaves_the_earlier_file(tmp_path: pathlib.Path, monkeypa
         save_checkpoint(path, run.opt, model=run.model, metadata={"step": 2})
     assert path.read_bytes() == earlier
     assert os.listdir(tmp_path) == ["ckpt.safetensors"]  # no temporary file left behind
-    assert load_checkpoint(path, run.opt, model=run.model).metadata == {"step": 1}
+    loaded = load_checkpoint(path, run.opt, model=run.model)
+    assert loaded.metadata == {"step": 1}
+    assert loaded == {"step": 1} and loaded["step"] == 1  # it returns the user metadata itself
 
 
 # -- strict=False, plain optimizers, the wrapper's own load_state_dict -------------------------

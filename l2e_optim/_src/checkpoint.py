@@ -10,7 +10,6 @@ whole file against the live objects first and only then mutates them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import warnings
@@ -32,20 +31,32 @@ _OPTIMIZER = "optimizer"
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau: anything with state_dict()
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedCheckpoint:
-    """What :func:`load_checkpoint` returns.
+class LoadedCheckpoint(dict[str, Any]):
+    """What :func:`load_checkpoint` returns: the user metadata (this dict itself), and what matched.
+
+    It *is* the ``metadata`` dict given to :func:`save_checkpoint` (JSON types; empty if none), so
+    ``load_checkpoint(...)["step"]`` works; ``metadata`` returns the same content as a plain dict.
 
     Attributes:
-        metadata: the ``metadata`` given to :func:`save_checkpoint` (JSON types), ``{}`` if none.
         missing_keys: what this model / optimizer / scheduler has that the file lacks
             (only with ``strict=False``; those parts were left as they were).
         unexpected_keys: what the file holds that nothing here takes (only with ``strict=False``).
     """
 
-    metadata: dict[str, Any]
-    missing_keys: tuple[str, ...] = ()
-    unexpected_keys: tuple[str, ...] = ()
+    def __init__(
+        self,
+        metadata: Mapping[str, Any],
+        missing_keys: tuple[str, ...] = (),
+        unexpected_keys: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(metadata)
+        self.missing_keys = missing_keys
+        self.unexpected_keys = unexpected_keys
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The user metadata as a plain dict."""
+        return dict(self)
 
 
 def save_checkpoint(

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
+from .selection import initial_threshold
+
 Inhibition = Literal["l2e", "memel", "none"]
 Retrieval = Literal["auto", "threshold", "batch-topk", "token-topk", "random"]
 LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
@@ -99,6 +101,11 @@ class L2EConfig:
         if self.retrieval != "auto":
             return self.retrieval
         return "token-topk" if self.inhibition == "memel" else "threshold"
+
+    @property
+    def starting_threshold(self) -> float:
+        """``threshold_init``, or the chi-square(1) upper ``ratio``-quantile when it is None."""
+        return self.threshold_init if self.threshold_init is not None else initial_threshold(self.ratio)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (for checkpoints and logs)."""

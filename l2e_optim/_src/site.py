@@ -51,18 +51,27 @@ class SiteState:
     ) -> None:
         self.name = name
         f32, i64 = torch.float32, torch.int64
-        self.mean = torch.zeros(neurons, dtype=f32, device=device)
-        self.var = torch.zeros(neurons, dtype=f32, device=device)
-        self.threshold = torch.full((), threshold, dtype=f32, device=device)
-        self.count = torch.zeros((), dtype=i64, device=device)
-        self.selected_fraction = torch.zeros((), dtype=f32, device=device)
-        self.nonfinite = torch.zeros((), dtype=i64, device=device)
+        self.mean = torch.empty(neurons, dtype=f32, device=device)
+        self.var = torch.empty(neurons, dtype=f32, device=device)
+        self.threshold = torch.empty((), dtype=f32, device=device)
+        self.count = torch.empty((), dtype=i64, device=device)
+        self.selected_fraction = torch.empty((), dtype=f32, device=device)
+        self.nonfinite = torch.empty((), dtype=i64, device=device)
         # Step accumulator: not state (it never outlives a step), so not checkpointed. The wrapper
         # passes a view into one buffer shared by all sites, so the step's all-reduce is one call
         # on that buffer, with no packing or copying back.
         self.accumulator = (
-            torch.zeros(accumulator_size(neurons), dtype=f32, device=device) if accumulator is None else accumulator
+            torch.empty(accumulator_size(neurons), dtype=f32, device=device) if accumulator is None else accumulator
         )
+        self.reset_(threshold)
+
+    @torch.no_grad()
+    def reset_(self, threshold: float) -> None:
+        """Back to the fresh state, in place: no statistics, threshold ``threshold``, no pending sums."""
+        for tensor in self.tensors().values():
+            tensor.zero_()
+        self.threshold.fill_(threshold)
+        self.accumulator.zero_()
 
     @property
     def neurons(self) -> int:

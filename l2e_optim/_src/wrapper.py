@@ -18,7 +18,6 @@ from .commit import commit_site
 from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import start_all_reduce
-from .selection import initial_threshold
 from .layout import build_sites, module_device
 from .site import SiteRuntime, SiteState, make_hook
 from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_base_state, validate_l2e_state
@@ -84,8 +83,7 @@ class L2EWrapper(torch.optim.Optimizer):
         self.process_group = process_group
         self._step_count = torch.zeros((), dtype=torch.int64, device=device)
         self._runtime = SiteRuntime(config, self._step_count)
-        tau0 = config.threshold_init or initial_threshold(config.ratio)
-        self._sites, self._buffers = build_sites(modules, names, tap, tau0, device)
+        self._sites, self._buffers = build_sites(modules, names, tap, config.starting_threshold, device)
         self._handles: list[RemovableHandle] = []
         for name, site in self._sites.items():
             module = modules[name]
@@ -274,13 +272,9 @@ class L2EWrapper(torch.optim.Optimizer):
             post_hook(self)
 
     def _reset_state(self) -> None:
-        tau0 = self.config.threshold_init or initial_threshold(self.config.ratio)
         self._step_count.zero_()
         for site in self._sites.values():
-            for key, value in site.tensors().items():
-                value.zero_()
-            site.threshold.fill_(tau0)
-            site.accumulator.zero_()
+            site.reset_(self.config.starting_threshold)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _init_hook_dicts(self) -> None:

@@ -168,6 +168,17 @@ class SiteRuntime:
         self.paused = False
         self.token_mask: Tensor | None = None
         self.grad_scaler: torch.amp.GradScaler | None = None
+        # The config is frozen, so the tap's static options are built once, not on every forward.
+        coef = config.strength / config.grad_accumulation_steps if config.inhibition == "l2e" else 0.0
+        self.tap_options = (
+            config.eps,
+            config.log_eps,
+            coef,
+            config.warmup_steps,
+            config.resolved_retrieval,
+            config.ratio,
+            config.memel_topk,
+        )
 
     def loss_scale(self) -> Tensor | None:
         """The registered GradScaler's scale tensor (None without an enabled scaler)."""
@@ -200,18 +211,8 @@ def make_hook(
         valid = _flat_mask(runtime.token_mask, z, site.name)
         out = z
         if torch.is_grad_enabled():
-            coef = config.strength / config.grad_accumulation_steps if config.inhibition == "l2e" else 0.0
             tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator)
-            options = (
-                config.eps,
-                config.log_eps,
-                coef,
-                config.warmup_steps,
-                config.resolved_retrieval,
-                config.ratio,
-                config.memel_topk,
-            )
-            out = _Tap.apply(z, valid, tensors, options, runtime.loss_scale())  # type: ignore[no-untyped-call]
+            out = _Tap.apply(z, valid, tensors, runtime.tap_options, runtime.loss_scale())  # type: ignore[no-untyped-call]
         if config.inhibition == "memel":
             out = _memel(out, valid, site, runtime)
         return out

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from l2e_optim import L2EConfig, L2EWrapper, monosemanticity_scores
-from l2e_optim._src.corpus import FEATURE_NAMES, Corpus, batches, load_corpus
-from l2e_optim._src.pretrain import RunResult, RunSpec, causal_lm_loss, setup, train
+from l2e_optim._lab.corpus import FEATURE_NAMES, Corpus, batches, load_corpus
+from l2e_optim._lab.pretrain import RunResult, RunSpec, causal_lm_loss, setup, train
 
 from . import _common, _probe
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from ._src.cli import main as _cli_main
+from ._lab.cli import main as _cli_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l2e_optim._src.analysis import (
+from l2e_optim._lab.analysis import (
     HIGH_MS_FACTOR,
     byte_context,
     gaussian_neuron_ms,

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from l2e_optim import load_checkpoint
-from l2e_optim._src.cli import main
-from l2e_optim._src.pretrain import METHODS, RunResult, build_model
+from l2e_optim._lab.cli import main
+from l2e_optim._lab.pretrain import METHODS, RunResult, build_model
 
 SMOKE = ["--smoke", "--no-progress"]
 TABLE_FIELDS = ["train loss", "train ppl", "val loss", "val ppl", "tokens/s", "step time / adamw",
@@ -63,7 +63,7 @@ def test_demo_table_and_summary(demo_run: tuple[Path, str]) -> None:
 def test_demo_checkpoints_load(demo_run: tuple[Path, str]) -> None:
     from transformers import AutoModelForCausalLM
 
-    from l2e_optim._src.pretrain import RunSpec, setup
+    from l2e_optim._lab.pretrain import RunSpec, setup
 
     out, _ = demo_run
     summary = json.loads((out / "summary.json").read_text())
@@ -179,7 +179,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_checkpoint(tmp_path: Path, capsys: p
     assert code == 130 and "Traceback" not in err and "interrupted at step 2/4" in err
     assert (tmp_path / "adamw" / "checkpoint.safetensors").is_file()
     assert not (tmp_path / "memel").exists() and not (tmp_path / "summary.json").exists()
-    from l2e_optim._src.pretrain import RunSpec, setup
+    from l2e_optim._lab.pretrain import RunSpec, setup
 
     fresh = setup(RunSpec(method="l2e", steps=4, batch_size=2, seq_len=32, width=32, layers=2))
     loaded = load_checkpoint(tmp_path / "l2e" / "checkpoint.safetensors", fresh.optimizer, model=fresh.model,
@@ -198,7 +198,7 @@ def test_analyze_subword_model_uses_its_tokenizer(tmp_path: Path, capsys: pytest
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from l2e_optim._src.corpus import load_corpus
+    from l2e_optim._lab.corpus import load_corpus
 
     sample = bytes(load_corpus(max_bytes=30_000).train.tolist()).decode("utf-8", errors="ignore")
     raw = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -238,7 +238,7 @@ def test_sigint_to_the_process_stops_at_a_step_boundary_and_saves(tmp_path: Path
     import signal
     import time
 
-    from l2e_optim._src.pretrain import RunSpec, setup
+    from l2e_optim._lab.pretrain import RunSpec, setup
 
     out = tmp_path / "out"
     proc = subprocess.Popen(

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 
 from .analysis import analyze
-from .config import L2EConfig
+from .._src.config import L2EConfig
 from .corpus import DataError, load_corpus
-from .discovery import SiteDiscoveryError, discover_sites
+from .._src.discovery import SiteDiscoveryError, discover_sites
 from .interrupt import StepBoundaryInterrupt, StopRequested
 from .model_io import InputError, load_causal_lm, load_tokenizer, tokenize_bytes, token_renderer
 from .pretrain import METHODS, MODEL_SHAPES, RunResult, RunSpec, UnknownModelError, train
 from .report import analysis_png, analysis_table, check_writable, demo_png, demo_table, write_json
-from .wrapper import L2EWrapper
+from .._src.wrapper import L2EWrapper
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 SMOKE = {"steps": 4, "batch_size": 2, "seq_len": 32, "max_bytes": 40_000, "width": 32, "layers": 2,
@@ -215,7 +215,7 @@ def save_run(folder: Path, run: RunResult, *, interrupted: bool) -> None:
     """``model.safetensors`` + ``config.json`` (loadable by from_pretrained) and the full checkpoint."""
     from safetensors.torch import save_file
 
-    from .checkpoint import save_checkpoint
+    from .._src.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in run.model.state_dict().items()}

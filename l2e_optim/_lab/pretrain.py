@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import L2EConfig
+from .._src.config import L2EConfig
 from .corpus import Corpus, batches
-from .wrapper import L2EWrapper
+from .._src.wrapper import L2EWrapper
 
 if TYPE_CHECKING:
     from transformers import GPTNeoXForCausalLM

@@ -26,9 +26,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .corpus import FEATURE_NAMES, DataError
-from .discovery import discover_sites
-from .metrics import false_killing_rate
-from .selection import monosemanticity_scores
+from .._src.discovery import discover_sites
+from .._src.metrics import false_killing_rate
+from .._src.selection import monosemanticity_scores
 
 TOP_FRACTION = 0.01
 HIGH_MS_FACTOR = 2.0  # twice a Gaussian neuron's score: clearly heavier-tailed than noise

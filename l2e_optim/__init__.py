@@ -6,7 +6,7 @@ The public API is exactly ``__all__``; everything under ``l2e_optim._src`` is pr
 from ._src.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from ._src.config import ConfigError, L2EConfig
 from ._src.discovery import SiteDiscoveryError
-from ._src.metrics import false_killing_rate, neuron_features
+from ._src.metrics import false_killing_rate, neuron_features, position_shares
 from ._src.selection import monosemanticity_scores
 from ._src.site import SiteState
 from ._src.state_dict import CheckpointError
@@ -24,6 +24,7 @@ __all__ = [
     "load_checkpoint",
     "monosemanticity_scores",
     "neuron_features",
+    "position_shares",
     "save_checkpoint",
 ]
 

@@ -32,6 +32,7 @@ from l2e_optim import ConfigError, L2EConfig
         ("threshold_lr", 0.0, "threshold_lr=0.0 must be a finite number > 0"),
         ("threshold_init", -3.0, "threshold_init=-3.0"),
         ("retrieval", "lottery", "retrieval='lottery' is not one of"),
+        ("retrieval", "sample_topk", r"retrieval='sample_topk' is not one of \('auto', 'threshold', 'sample-topk'"),
     ],
 )
 def test_bad_values_name_the_field_and_range(field: str, value: object, message: str) -> None:
@@ -44,7 +45,10 @@ def test_defaults_are_the_papers() -> None:
     assert (config.inhibition, config.ratio, config.eps, config.forget_steps) == ("l2e", 0.02, 0.01, 10)
     assert (config.layers, config.memel_topk, config.memel_scale) == ("mid-2", 1, 1.0)
     assert config.resolved_retrieval == "threshold"
-    assert L2EConfig(inhibition="memel").resolved_retrieval == "token-topk"
+    # MEmeL's official retrieval: per sequence; the per-token ranking is an opt-in variant.
+    assert L2EConfig(inhibition="memel").resolved_retrieval == "sample-topk"
+    assert L2EConfig(inhibition="memel", retrieval="token-topk").resolved_retrieval == "token-topk"
+    assert L2EConfig(retrieval="sample-topk").resolved_retrieval == "sample-topk"
     assert L2EConfig(inhibition="memel", retrieval="threshold").resolved_retrieval == "threshold"
     assert L2EConfig(retrieval="random").resolved_retrieval == "random"
 

@@ -133,9 +133,12 @@ def test_no_inhibition_before_warmup(corpus: torch.Tensor) -> None:
     assert any(not torch.equal(p.grad, active[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize(("topk", "scale"), [(1, 1.0), (3, 0.5)])
-def test_memel_reverse_deactivation_matches_reference(corpus: torch.Tensor, topk: int, scale: float) -> None:
-    config = L2EConfig(inhibition="memel", memel_topk=topk, memel_scale=scale, warmup_steps=0)
+@pytest.mark.parametrize(("topk", "scale", "retrieval"), [(1, 1.0, "auto"), (3, 0.5, "auto"), (3, 0.5, "token-topk")])
+def test_memel_reverse_deactivation_matches_reference(
+    corpus: torch.Tensor, topk: int, scale: float, retrieval: str
+) -> None:
+    config = L2EConfig(inhibition="memel", memel_topk=topk, memel_scale=scale, warmup_steps=0,
+                       retrieval=retrieval)  # type: ignore[arg-type]
     model, opt, data = warmed_up(config, corpus)
     name = next(iter(opt.sites))
     site = opt.sites[name]
@@ -148,10 +151,42 @@ def test_memel_reverse_deactivation_matches_reference(corpus: torch.Tensor, topk
     z = raw[0]
     z.retain_grad()
     z2 = z.detach().reshape(-1, site.neurons)
-    chosen = reference.topk_selection(reference.scores(z2, site.mean, site.var, config.eps), topk)
+    phi = reference.scores(z2, site.mean, site.var, config.eps)
+    if retrieval == "token-topk":
+        chosen, per_sequence = reference.topk_selection(phi, topk), z.shape[1] * topk
+    else:
+        chosen, per_sequence = reference.sample_topk_selection(phi, z.shape[0], topk), topk
     ref_out, _ = reference.reverse_deactivation(z2, site.mean, chosen, scale)
     torch.testing.assert_close(after[0].detach().reshape(-1, site.neurons).double(), ref_out, rtol=1e-6, atol=1e-6)
-    assert len(chosen) == z2.shape[0] * topk
+    assert len(chosen) == z.shape[0] * per_sequence
+
+
+@pytest.mark.parametrize("topk", [1, 4])
+def test_memel_changes_exactly_topk_values_per_sequence_its_highest_scores(corpus: torch.Tensor, topk: int) -> None:
+    # Default MEmeL settings (but warm-up), padding in one sequence: each sequence loses exactly
+    # its `topk` highest-scoring values over all positions x neurons, never a padded one.
+    config = L2EConfig(inhibition="memel", memel_topk=topk, warmup_steps=0)
+    model, opt, data = warmed_up(config, corpus)
+    name, site = next(iter(opt.sites.items()))
+    module = dict(model.named_modules())[name]
+    raw: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
+    module.register_forward_pre_hook(lambda m, a: raw.append(a[0].detach()), prepend=True)
+    module.register_forward_pre_hook(lambda m, a: after.append(a[0].detach()))
+    ids = torch.cat([next(data), next(data)])  # type: ignore[call-overload]
+    mask = torch.ones(ids.shape)
+    mask[1, 5:] = 0
+    opt.set_token_mask(mask)
+    model(input_ids=ids, attention_mask=mask.long())
+    opt.set_token_mask(None)
+    z, changed = raw[0], raw[0] != after[0]  # [batch, seq, N]
+    assert changed.sum(dim=(1, 2)).tolist() == [topk] * ids.shape[0]
+    assert not changed[1, 5:].any()
+    phi = reference.scores(z.reshape(-1, site.neurons), site.mean, site.var, config.eps).reshape(z.shape)
+    phi = phi.masked_fill(mask[:, :, None] == 0, -torch.inf)
+    for b in range(ids.shape[0]):
+        highest = torch.topk(phi[b].flatten(), topk).values
+        assert torch.equal(phi[b][changed[b]].sort().values, highest.sort().values)
 
 
 def test_memel_gradient_is_reversed_on_selected_values(corpus: torch.Tensor) -> None:
@@ -171,7 +206,8 @@ def test_memel_gradient_is_reversed_on_selected_values(corpus: torch.Tensor) -> 
     module.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()), prepend=True)
     lm_loss(model, next(data)).backward()  # type: ignore[call-overload]
     z2 = inputs[0].reshape(-1, site.neurons)
-    chosen = reference.topk_selection(reference.scores(z2, site.mean, site.var, config.eps), 1)
+    samples = inputs[0].shape[0]
+    chosen = reference.sample_topk_selection(reference.scores(z2, site.mean, site.var, config.eps), samples, 1)
     _, slope = reference.reverse_deactivation(z2, site.mean, chosen, 0.5)
     torch.testing.assert_close(grads["in"].reshape(-1, site.neurons).double(),
                                grads["out"].reshape(-1, site.neurons).double() * slope)
@@ -249,3 +285,21 @@ def test_random_retrieval_penalises_a_random_ratio_blind_to_scores(corpus: torch
     top = phi >= phi.flatten().quantile(0.9)
     # Blind to the scores: the top-scoring tenth is touched about as often as the rest.
     assert abs(float(touched[:16][top].double().mean()) - fraction) < 0.08
+
+
+def test_memel_on_2d_activations_treats_each_row_as_a_sample() -> None:
+    # A model with no sequence axis: the site sees [rows, N]; each row is its own sample.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 1))
+    opt = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.01), model, sites=["2"],
+                     config=L2EConfig(inhibition="memel", warmup_steps=0))
+    for _ in range(2):
+        model(torch.randn(8, 6)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    seen: list[torch.Tensor] = []
+    model[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    x = torch.randn(5, 6)
+    raw = model[1](model[0](x)).detach()
+    model(x)
+    assert (raw != seen[0]).sum(dim=1).tolist() == [1] * 5

@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 
-from l2e_optim import false_killing_rate, monosemanticity_scores
+from l2e_optim import false_killing_rate, monosemanticity_scores, position_shares
 from l2e_optim._src import reference
 from l2e_optim._src.inhibition import half_log_ms_grad_, log_ms_grad, reverse_deactivation
-from l2e_optim._src.selection import initial_threshold, per_token_topk_mask, update_threshold
+from l2e_optim._src.selection import (
+    initial_threshold,
+    per_sample_topk_mask,
+    per_token_topk_mask,
+    sample_count,
+    update_threshold,
+)
 from l2e_optim._src.statistics import merge_moments, moments_from_sums, shifted_sums
 
 
@@ -112,6 +118,42 @@ def test_topk_selection_matches_reference(k: int) -> None:
     phi = monosemanticity_scores(heavy_tailed(6, 7, 2), torch.zeros(7), torch.ones(7))
     fast = {tuple(ix) for ix in per_token_topk_mask(phi, k).nonzero().tolist()}
     assert fast == reference.topk_selection(phi, k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sample_topk_selection_matches_reference(k: int, padded: bool) -> None:
+    samples, positions, n = 3, 5, 7
+    phi = monosemanticity_scores(heavy_tailed(samples * positions, n, 6), torch.zeros(n), torch.ones(n))
+    valid = None
+    if padded:  # sample 1 has 2 valid positions (14 values < k=40), sample 2 none
+        valid = torch.ones(samples * positions)
+        valid[7:] = 0.0
+    fast = {tuple(ix) for ix in per_sample_topk_mask(phi, samples, k, valid).nonzero().tolist()}
+    assert fast == reference.sample_topk_selection(phi, samples, k, valid)
+    for b in range(samples):
+        rows = range(b * positions, (b + 1) * positions)
+        live = [t for t in rows if valid is None or valid[t] > 0]
+        assert sum(t in rows for t, _ in fast) == min(k, len(live) * n)
+
+
+def test_a_2d_activation_counts_each_row_as_a_sample() -> None:
+    assert (sample_count((4, 6, 8)), sample_count((5, 8)), sample_count((8,))) == (4, 5, 1)
+    phi = monosemanticity_scores(heavy_tailed(6, 7, 7), torch.zeros(7), torch.ones(7))
+    assert torch.equal(per_sample_topk_mask(phi, sample_count(phi.shape), 2), per_token_topk_mask(phi, 2))
+
+
+def test_position_shares() -> None:
+    selected = torch.zeros(2, 5, 3, dtype=torch.bool)
+    selected[0, 0, 1] = selected[1, 0, 2] = selected[1, 4, 0] = selected[0, 2, 2] = True
+    torch.testing.assert_close(position_shares(selected, 2), torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    # more leading positions than the sequence has: zeros past it, nothing left for "the rest"
+    wide = position_shares(selected, 7)
+    torch.testing.assert_close(wide, torch.tensor([0.5, 0, 0.25, 0, 0.25, 0, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(position_shares(selected, 0), torch.tensor([1.0], dtype=torch.float64))
+    assert position_shares(torch.zeros(2, 5, 3, dtype=torch.bool), 2).sum() == 0
+    with pytest.raises(ValueError, match=r"\[batch, seq, N\]"):
+        position_shares(selected.reshape(10, 3), 2)
 
 
 def test_log_ms_grad_matches_autograd_of_reference_penalty() -> None:

@@ -231,7 +231,7 @@ class _SyncTrap:
 
 
 @pytest.mark.parametrize("mode", ["l2e", "memel", "none"])
-@pytest.mark.parametrize("retrieval", ["auto", "batch-topk"])
+@pytest.mark.parametrize("retrieval", ["auto", "batch-topk", "sample-topk"])
 def test_no_host_sync_in_forward_backward_and_step(corpus: torch.Tensor, mode: str, retrieval: str) -> None:
     model = PlainLM(layers=2)
     opt = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model,

@@ -10,11 +10,11 @@ from typing import Any, Literal, Union
 from .selection import initial_threshold
 
 Inhibition = Literal["l2e", "memel", "none"]
-Retrieval = Literal["auto", "threshold", "batch-topk", "token-topk", "random"]
+Retrieval = Literal["auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random"]
 LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
 
 _INHIBITIONS = ("l2e", "memel", "none")
-_RETRIEVALS = ("auto", "threshold", "batch-topk", "token-topk", "random")
+_RETRIEVALS = ("auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random")
 _LAYER_NAMES = ("mid-2", "mid-third", "all")
 
 
@@ -28,7 +28,7 @@ class L2EConfig:
 
     Attributes:
         inhibition: ``"l2e"`` (moving threshold + log-MS regularizer in gradient space),
-            ``"memel"`` (Reverse Deactivation of the per-token top-``memel_topk`` scores) or
+            ``"memel"`` (Reverse Deactivation of each sequence's top-``memel_topk`` scores) or
             ``"none"`` (statistics and threshold only, for monitoring).
         ratio: target fraction p of (token, neuron) values selected as monosemantic.
         strength: lambda, the weight of the L2E regularizer ``lambda * L_MS``.
@@ -40,7 +40,8 @@ class L2EConfig:
         warmup_steps: optimizer steps before any inhibition (statistics and threshold still run).
         layers: which transformer blocks carry sites when they are discovered automatically:
             ``"mid-2"`` (the two middle blocks), ``"mid-third"``, ``"all"`` or block indices.
-        memel_topk: k of MEmeL's per-token top-k retrieval.
+        memel_topk: k of the top-k retrievals (``"sample-topk"``: per sequence, MEmeL's; and
+            ``"token-topk"``: per token).
         memel_scale: Delta of Reverse Deactivation.
         grad_accumulation_steps: micro-batches per optimizer step; the regularizer is divided by
             it, like a loss divided for gradient accumulation.
@@ -49,12 +50,15 @@ class L2EConfig:
         threshold_init: starting threshold; ``None`` uses the chi-square(1) quantile of ``ratio``
             (the exact threshold if activations were Gaussian).
         retrieval: which values are inhibited. ``"threshold"``: score >= the moving threshold
-            (L2E); ``"token-topk"``: each token's ``memel_topk`` highest scores (MEmeL);
-            ``"batch-topk"``: the exact top ``ratio`` of the micro-batch's scores (the in-batch
+            (L2E); ``"sample-topk"``: each sequence's ``memel_topk`` highest scores over all its
+            positions x neurons, padding excluded (MEmeL's official retrieval; the sequence is the
+            activation's leading axis, and a 2-D ``[rows, N]`` activation counts each row as a
+            sequence); ``"token-topk"``: each token's ``memel_topk`` highest scores (a per-token
+            variant, T times as many values per sequence); ``"batch-topk"``: the exact top ``ratio`` of the micro-batch's scores (the in-batch
             ranking L2E replaces; for ablations, costs a top-k per micro-batch); ``"random"``: a
             random ``ratio`` of the values, blind to the scores (the control that tells inhibiting
             *monosemantic* values from generic noise on the activations; draws from torch's
-            global RNG). ``"auto"``: threshold for "l2e", token-topk for "memel".
+            global RNG). ``"auto"``: threshold for "l2e", sample-topk for "memel".
     """
 
     inhibition: Inhibition = "l2e"
@@ -96,11 +100,11 @@ class L2EConfig:
         object.__setattr__(self, "layers", _normalise_layers(self.layers))
 
     @property
-    def resolved_retrieval(self) -> Literal["threshold", "batch-topk", "token-topk", "random"]:
+    def resolved_retrieval(self) -> Literal["threshold", "sample-topk", "token-topk", "batch-topk", "random"]:
         """``retrieval`` with ``"auto"`` resolved for this inhibition mode."""
         if self.retrieval != "auto":
             return self.retrieval
-        return "token-topk" if self.inhibition == "memel" else "threshold"
+        return "sample-topk" if self.inhibition == "memel" else "threshold"
 
     @property
     def starting_threshold(self) -> float:

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import Tensor
 
 
@@ -58,3 +58,26 @@ def false_killing_rate(scores: Tensor, features: Tensor, *, ratio: float) -> Ten
     selected = scores >= tau_k  # [tokens, N]
     false = selected & (features.long()[:, None] != lstar[None, :])
     return false.sum().to(torch.float64) / selected.sum().clamp_min(1).to(torch.float64)
+
+
+def position_shares(selected: Tensor, first: int) -> Tensor:
+    """Where selected values sit by position: the share at each of the first ``first`` positions,
+    then the share at all later positions together.
+
+    Args:
+        selected: ``[batch, seq, N]`` bool, True at the values selected for inhibition.
+        first: how many leading positions get their own share (>= 0).
+
+    Returns:
+        ``[first + 1]`` float64 shares summing to 1 (all 0 when nothing is selected); positions
+        past ``seq`` get 0.
+    """
+    if selected.ndim != 3 or first < 0:
+        raise ValueError(
+            f"selected must be [batch, seq, N] and first >= 0; got {tuple(selected.shape)} and "
+            f"first={first}. Reshape a flat [tokens, N] mask with its batch size first."
+        )
+    per_position = reduce(selected.to(torch.float64), "b t n -> t", "sum")  # [seq]
+    head = F.pad(per_position[:first], (0, max(0, first - per_position.shape[0])))
+    counts = torch.cat([head, per_position[first:].sum().reshape(1)])
+    return counts / counts.sum().clamp_min(1.0)

@@ -57,11 +57,27 @@ def threshold_selection(phi: Tensor, tau: float) -> set[tuple[int, int]]:
 
 
 def topk_selection(phi: Tensor, k: int) -> set[tuple[int, int]]:
-    """Each token's k highest-scoring neurons (MEmeL's retrieval)."""
+    """Each token's k highest-scoring neurons (the per-token MEmeL variant)."""
     picked: set[tuple[int, int]] = set()
     for t in range(phi.shape[0]):
         ranked = sorted(range(phi.shape[1]), key=lambda i: -float(phi[t, i]))
         picked.update((t, i) for i in ranked[:k])
+    return picked
+
+
+def sample_topk_selection(
+    phi: Tensor, samples: int, k: int, valid: Tensor | None = None
+) -> set[tuple[int, int]]:
+    """Each sample's k highest-scoring (token, neuron) pairs over all its positions (MEmeL's
+    retrieval); tokens are sample-major, padding (``valid`` 0) never picked."""
+    tokens, n = phi.shape
+    per = tokens // samples
+    picked: set[tuple[int, int]] = set()
+    for b in range(samples):
+        rows = [t for t in range(b * per, (b + 1) * per) if valid is None or float(valid[t]) > 0]
+        pairs = [(t, i) for t in rows for i in range(n)]
+        pairs.sort(key=lambda ti: -float(phi[ti[0], ti[1]]))
+        picked.update(pairs[:k])
     return picked
 
 

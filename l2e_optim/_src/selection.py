@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import reduce
+from einops import rearrange, reduce
 from torch import Tensor
 
 #: The relative error (r - p) / p is at least -1 (r >= 0); it is clipped above at this value so
@@ -42,10 +42,41 @@ def monosemanticity_scores(z: Tensor, mean: Tensor, var: Tensor, *, eps: float =
 
 
 def per_token_topk_mask(scores: Tensor, k: int) -> Tensor:
-    """MEmeL's retrieval: True at each token row's ``k`` highest scores. ``scores``: ``[tokens, N]``."""
+    """True at each token row's ``k`` highest scores (a per-token MEmeL variant). ``scores``: ``[tokens, N]``."""
     k = min(k, scores.shape[-1])
     top = torch.topk(scores, k, dim=-1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def sample_count(shape: torch.Size | tuple[int, ...]) -> int:
+    """How many samples (sequences) an activation of this shape holds: its leading axis.
+
+    ``[batch, seq, ..., N]`` holds ``batch`` samples whose positions are all the middle axes;
+    a 2-D ``[rows, N]`` activation (a model with no sequence axis, or one that flattened it
+    away) holds one sample per row; a 1-D ``[N]`` activation is one sample.
+    """
+    return shape[0] if len(shape) >= 2 else 1
+
+
+def per_sample_topk_mask(scores: Tensor, samples: int, k: int, valid: Tensor | None = None) -> Tensor:
+    """MEmeL's retrieval: True at each sample's ``k`` highest scores over all its positions x neurons.
+
+    Args:
+        scores: ``[tokens, N]``, tokens sample-major (``tokens = samples * positions``).
+        samples: number of samples (see :func:`sample_count`).
+        k: values per sample (at most positions x N); a static k, so no host sync.
+        valid: optional ``[tokens]`` 0/1 weights; padding never takes a pick (a sample with
+            fewer than ``k`` valid values gets only those).
+    """
+    if scores.numel() == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if valid is not None:
+        scores = scores.masked_fill(valid[:, None] <= 0, -torch.inf)
+    per_sample = rearrange(scores, "(b t) n -> b (t n)", b=samples)
+    top = torch.topk(per_sample, min(k, per_sample.shape[-1]), dim=-1, sorted=False).indices
+    mask = torch.zeros_like(per_sample, dtype=torch.bool).scatter_(-1, top, True)
+    mask = rearrange(mask, "b (t n) -> (b t) n", n=scores.shape[-1])
+    return mask if valid is None else mask & (valid[:, None] > 0)
 
 
 def batch_topk_mask(scores: Tensor, ratio: float) -> Tensor:
@@ -60,9 +91,21 @@ def batch_topk_mask(scores: Tensor, ratio: float) -> Tensor:
 
 
 def retrieve(
-    scores: Tensor, retrieval: str, tau: Tensor, ratio: float, topk: int
+    scores: Tensor, retrieval: str, tau: Tensor, ratio: float, topk: int, samples: int, valid: Tensor | None
 ) -> Tensor:
-    """The values to inhibit under ``retrieval`` ("threshold", "batch-topk", "token-topk", "random")."""
+    """The values to inhibit under ``retrieval`` ("threshold", "sample-topk", "token-topk",
+    "batch-topk", "random"); ``scores`` ``[tokens, N]`` of ``samples`` sample-major sequences.
+
+    Padding (``valid`` 0) is never selected; only sample-topk must know it before ranking
+    (elsewhere a padded row's picks are simply dropped).
+    """
+    if retrieval == "sample-topk":
+        return per_sample_topk_mask(scores, samples, topk, valid)
+    selected = _retrieve_unmasked(scores, retrieval, tau, ratio, topk)
+    return selected if valid is None else selected & (valid[:, None] > 0)
+
+
+def _retrieve_unmasked(scores: Tensor, retrieval: str, tau: Tensor, ratio: float, topk: int) -> Tensor:
     if retrieval == "threshold":
         return scores >= tau
     if retrieval == "batch-topk":

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import L2EConfig
 from .inhibition import half_log_ms_grad_, reverse_deactivation
-from .selection import monosemanticity_scores, retrieve, score_denominator
+from .selection import monosemanticity_scores, retrieve, sample_count, score_denominator
 from .statistics import shifted_sums
 
 # Layout of a site's step accumulator (fp32, all-reduced as one block): the shifted sums
@@ -137,9 +137,8 @@ class _Tap(torch.autograd.Function):
             return grad, None, None, None, None
         selected = over
         if retrieval != "threshold":
-            selected = retrieve(dsq / denom, retrieval, tau, ratio, topk) & (count > 0)
-            if valid is not None:
-                selected &= valid[:, None] > 0
+            samples = sample_count(z.shape)
+            selected = retrieve(dsq / denom, retrieval, tau, ratio, topk, samples, valid) & (count > 0)
         active = finite & (step >= warmup)
         scale = torch.where(active, 2.0 * coef / tokens.clamp_min(1.0), 0.0)  # 2: d/dz log d^2 = 2/d
         if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
@@ -246,10 +245,10 @@ def _memel(z: Tensor, valid: Tensor | None, site: SiteState, runtime: SiteRuntim
     config = runtime.config
     z2 = rearrange(z, "... n -> (...) n")
     phi = monosemanticity_scores(z2.detach(), site.mean, site.var, eps=config.eps)
-    selected = retrieve(phi, config.resolved_retrieval, site.threshold, config.ratio, config.memel_topk)
+    selected = retrieve(
+        phi, config.resolved_retrieval, site.threshold, config.ratio, config.memel_topk, sample_count(z.shape), valid
+    )
     selected = selected & (site.count > 0) & (runtime.step >= config.warmup_steps)
-    if valid is not None:
-        selected = selected & (valid[:, None] > 0)
     out = reverse_deactivation(z2, selected, site.mean, config.memel_scale)
     return out.reshape(z.shape)
 

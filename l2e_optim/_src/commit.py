@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import L2EConfig
-from .site import ACC_NONFINITE, ACC_SELECTED, ACC_TOKENS, SiteState
+from .site import ACC_NONFINITE, ACC_SELECTED, ACC_TOKENS, MIN_COUNT, SiteState
 from .selection import update_threshold
 from .statistics import merge_moments, moments_from_sums
 
@@ -19,7 +19,7 @@ def commit_site(site: SiteState, config: L2EConfig) -> None:
     selected = acc[2 * n + ACC_SELECTED]
     batch_mean, batch_var = moments_from_sums(tokens, acc[:n], acc[n : 2 * n], site.mean)
     # Only scores taken against existing statistics say anything about the threshold.
-    scored = torch.where(site.count > 0, tokens * n, torch.zeros_like(tokens))
+    scored = torch.where(site.count >= MIN_COUNT, tokens * n, torch.zeros_like(tokens))
     new_tau = update_threshold(site.threshold, selected, scored, config.ratio, config.threshold_lr)
     fraction = torch.where(scored > 0, selected / scored.clamp_min(1.0), site.selected_fraction)
     new_mean, new_var = merge_moments(

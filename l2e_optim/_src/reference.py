@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from .statistics import MEAN_LIMIT, VAR_LIMIT  # the documented saturation, not its code
+
 
 def scores(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """phi[t, i] = (z - mean_i)^2 / (var_i + eps * mean_j var_j)."""
@@ -28,7 +30,10 @@ def scores(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
 def merge(
     count: float, mean: list[float], var: list[float], batch: Tensor, forget_steps: int | None
 ) -> tuple[list[float], list[float]]:
-    """One step's merge, neuron by neuron: exact two-pass batch moments, then the formula."""
+    """One step's merge, neuron by neuron: exact two-pass batch moments, then the formula.
+
+    In float64 nothing overflows at these magnitudes; results saturate at the fp32 path's limits.
+    """
     b = batch.shape[0]
     new_mean, new_var = [], []
     for i in range(batch.shape[1]):
@@ -38,16 +43,17 @@ def merge(
             new_var.append(var[i])
             continue
         mu_b = sum(values) / b
-        v_b = sum((v - mu_b) ** 2 for v in values) / b
+        v_b = min(sum((v - mu_b) ** 2 for v in values) / b, VAR_LIMIT)
+        mu_b = min(max(mu_b, -MEAN_LIMIT), MEAN_LIMIT)
         m = count if forget_steps is None else min(count, forget_steps * b)
         total = m + b
-        new_mean.append((m * mean[i] + b * mu_b) / total)
+        new_mean.append(min(max((m * mean[i] + b * mu_b) / total, -MEAN_LIMIT), MEAN_LIMIT))
         if total <= 1:
             new_var.append(0.0)
             continue
         between = m * b * (mean[i] - mu_b) ** 2 / ((total - 1) * total)
         within = (b * v_b + max(m - 1, 0) * var[i]) / (total - 1)
-        new_var.append(between + within)
+        new_var.append(min(between + within, VAR_LIMIT))
     return new_mean, new_var
 
 

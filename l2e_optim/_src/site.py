@@ -20,12 +20,15 @@ from torch import Tensor, nn
 from .config import L2EConfig
 from .inhibition import half_log_ms_grad_, reverse_deactivation
 from .selection import monosemanticity_scores, retrieve, sample_count, score_denominator
-from .statistics import shifted_sums
+from .statistics import deviations, shifted_sums
 
 # Layout of a site's step accumulator (fp32, all-reduced as one block): the shifted sums
 # s1 [N] and s2 [N], then these scalar slots.
 ACC_TOKENS, ACC_SELECTED, ACC_NONFINITE = 0, 1, 2
 ACC_SCALARS = 3
+#: Tokens a site must have merged before its scores mean anything: an unbiased variance needs
+#: two values (after one token every var is 0 and every deviation would score as monosemantic).
+MIN_COUNT = 2
 
 
 def accumulator_size(neurons: int) -> int:
@@ -116,14 +119,13 @@ class _Tap(torch.autograd.Function):
         z, valid = ctx.saved_tensors
         mean, var, tau, count, step, acc = ctx.site
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
-        # Shift K = running mean: identical on every rank, keeps the sums small. One expression,
-        # so a bf16 activation's fp32 copy is freed at once.
-        d = rearrange(z, "... n -> (...) n").float() - mean  # [tokens, N]
+        # Shift K = running mean: identical on every rank, keeps the sums small.
+        d = deviations(rearrange(z, "... n -> (...) n"), mean, valid)  # [tokens, N]
         dsq = d * d
         denom = score_denominator(var, eps)  # [N]
         # phi >= tau  <=>  d^2 >= tau * denom: one comparison, no [tokens, N] score tensor. Before
-        # a site has statistics (count 0) nothing is monosemantic: its bar is +inf.
-        bar = torch.where(count > 0, tau, torch.inf) * denom  # [N]
+        # a site has statistics (count < MIN_COUNT) nothing is monosemantic: its bar is +inf.
+        bar = torch.where(count >= MIN_COUNT, tau, torch.inf) * denom  # [N]
         over = dsq >= bar  # what the moving threshold counts, whatever inhibits
         if valid is not None:
             over &= valid[:, None] > 0
@@ -138,7 +140,7 @@ class _Tap(torch.autograd.Function):
         selected = over
         if retrieval != "threshold":
             samples = sample_count(z.shape)
-            selected = retrieve(dsq / denom, retrieval, tau, ratio, topk, samples, valid) & (count > 0)
+            selected = retrieve(dsq / denom, retrieval, tau, ratio, topk, samples, valid) & (count >= MIN_COUNT)
         active = finite & (step >= warmup)
         scale = torch.where(active, 2.0 * coef / tokens.clamp_min(1.0), 0.0)  # 2: d/dz log d^2 = 2/d
         if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
@@ -248,7 +250,7 @@ def _memel(z: Tensor, valid: Tensor | None, site: SiteState, runtime: SiteRuntim
     selected = retrieve(
         phi, config.resolved_retrieval, site.threshold, config.ratio, config.memel_topk, sample_count(z.shape), valid
     )
-    selected = selected & (site.count > 0) & (runtime.step >= config.warmup_steps)
+    selected = selected & (site.count >= MIN_COUNT) & (runtime.step >= config.warmup_steps)
     out = reverse_deactivation(z2, selected, site.mean, config.memel_scale)
     return out.reshape(z.shape)
 
@@ -263,4 +265,7 @@ def _flat_mask(mask: Tensor | None, z: Tensor, name: str) -> Tensor | None:
             f"(activation {tuple(z.shape)}); call set_token_mask with this micro-batch's "
             "[batch, seq] attention mask, or set_token_mask(None)."
         )
-    return rearrange(mask, "... -> (...)").to(device=z.device, dtype=torch.float32)
+    # mask > 0: a value other than 0/1 on an accelerator (refused on the CPU by set_token_mask,
+    # where checking costs no sync) counts a token once or not at all, never twice or negatively.
+    flat = rearrange(mask, "... -> (...)").to(device=z.device)
+    return (flat > 0).to(torch.float32)

@@ -4,6 +4,13 @@ A step's micro-batches are summed around a fixed shift K (the neuron's running m
 step, identical on every rank), which keeps the sums small and exact to all-reduce; the step's
 moments are then merged into the running ones with the exact batch formula (Chan et al.; MEmeL
 Lemma 3.2) and MEmeL's forgetting rule.
+
+Saturation: the running statistics stay within ``|mean| <= MEAN_LIMIT`` and ``var <= VAR_LIMIT``.
+The merge is computed in a factored form whose every product stays below fp32's range, then
+clamped there, so one finite spike (say a neuron reading 1e17) can never turn a statistic into
+inf/NaN: a saved checkpoint always loads, and the spike decays like any other value. The limits
+are far beyond any real activation (1e15, and its square) and small enough that the scores'
+``mean(var)`` over a layer cannot overflow either.
 """
 
 from __future__ import annotations
@@ -11,6 +18,25 @@ from __future__ import annotations
 import torch
 from einops import reduce
 from torch import Tensor
+
+#: The running mean saturates at +-MEAN_LIMIT and the running variance at VAR_LIMIT
+#: (= MEAN_LIMIT ** 2): the largest values a checkpoint can hold (state_dict.py checks them).
+MEAN_LIMIT = 1e15
+VAR_LIMIT = 1e30
+
+
+def deviations(z: Tensor, shift: Tensor, valid: Tensor | None) -> Tensor:
+    """``z - shift`` in fp32, ``[tokens, neurons]``, with padded rows (``valid == 0``) zeroed.
+
+    A NaN or inf at a padded position is the padding's own business (e.g. an attention row with
+    nothing to attend to): zeroed here, it cannot reach the sums, the scores or the skip test,
+    so the micro-batch's real tokens still count. One expression, so a bf16 activation's fp32
+    copy is freed at once; the fill is in place on that fresh tensor.
+    """
+    d = z.float() - shift
+    if valid is not None:
+        d.masked_fill_((valid <= 0)[:, None], 0.0)
+    return d
 
 
 def shifted_sums(d: Tensor, dsq: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -32,12 +58,18 @@ def moments_from_sums(
 ) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of the values whose shifted sums are ``s1``, ``s2``.
 
-    ``tokens`` may be 0 (the results are then 0 and must be masked by the caller).
+    ``tokens`` may be 0 (the results are then 0 and must be masked by the caller). Sums that
+    overflowed to inf (finite micro-batches whose total exceeds fp32) saturate at the limits.
     """
     b = tokens.clamp_min(1.0)
     centred_mean = s1 / b
-    batch_var = (s2 / b - centred_mean * centred_mean).clamp_min(0.0)
-    return shift + centred_mean, batch_var
+    batch_var = s2 / b - centred_mean * centred_mean
+    return saturate(shift + centred_mean, MEAN_LIMIT), saturate(batch_var, VAR_LIMIT).clamp_min(0.0)
+
+
+def saturate(x: Tensor, limit: float) -> Tensor:
+    """``x`` clamped to ``[-limit, limit]``, with NaN (inf - inf of overflowed sums) read as ``limit``."""
+    return torch.nan_to_num(x, nan=limit, posinf=limit, neginf=-limit).clamp(-limit, limit)
 
 
 def merge_moments(
@@ -60,17 +92,21 @@ def merge_moments(
             becomes an EMA with weight 1/(n_f+1); ``None`` merges exactly.
 
     Returns:
-        ``(mean, var)`` after the merge; unchanged where ``tokens == 0``.
+        ``(mean, var)`` after the merge, saturated at ``MEAN_LIMIT`` / ``VAR_LIMIT``; unchanged
+        where ``tokens == 0``.
     """
     m = count.to(torch.float32)
     b = tokens.to(torch.float32)
     if forget_steps is not None:
         m = torch.minimum(m, forget_steps * b)
-    total = m + b
+    total = (m + b).clamp_min(1.0)
+    denom = (m + b - 1.0).clamp_min(1.0)
+    # Factored weights, each at most 2: m*b*delta^2 itself overflows fp32 for a shift of 3e12
+    # at 4M tokens per step, while (m/total) * (b/denom) * delta^2 stays below VAR_LIMIT * 8.
+    new_mean = (m / total) * mean + (b / total) * batch_mean
     delta = mean - batch_mean
-    new_mean = (m * mean + b * batch_mean) / total.clamp_min(1.0)
-    denom = (total - 1.0).clamp_min(1.0)
-    between = m * b * delta * delta / (denom * total.clamp_min(1.0))
-    within = (b * batch_var + (m - 1.0).clamp_min(0.0) * var) / denom
+    between = (m / total) * (b / denom) * (delta * delta)
+    within = (b / denom) * batch_var + ((m - 1.0).clamp_min(0.0) / denom) * var
+    new_var = saturate(between + within, VAR_LIMIT)
     has_batch = b > 0
-    return torch.where(has_batch, new_mean, mean), torch.where(has_batch, between + within, var)
+    return torch.where(has_batch, saturate(new_mean, MEAN_LIMIT), mean), torch.where(has_batch, new_var, var)

@@ -185,6 +185,14 @@ class L2EWrapper(torch.optim.Optimizer):
         """
         if mask is not None and not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}.")
+        # Checked where it costs no device sync (a CPU mask, as data loaders make them); on an
+        # accelerator the tap reads mask > 0, so a stray value never counts a token twice.
+        if mask is not None and mask.device.type == "cpu" and mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(
+                    "token mask values must be 0 (padding) or 1 (real token); got "
+                    f"{sorted(set(mask.flatten().tolist()))[:5]}; pass the batch's attention_mask."
+                )
         self._runtime.token_mask = mask
 
     def set_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:

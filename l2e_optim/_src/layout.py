@@ -53,3 +53,20 @@ def _width(name: str, module: nn.Module, tap: str) -> int:
             "(tap='output')."
         )
     return width
+
+
+def accumulator_offsets(sites: Mapping[str, SiteState], buffers: Mapping[torch.device, Tensor]) -> dict[str, int]:
+    """Where each site's accumulator starts in its device's buffer (elements)."""
+    return {
+        name: int(site.accumulator.storage_offset() - buffers[site.accumulator.device].storage_offset())
+        for name, site in sites.items()
+    }
+
+
+def relink_accumulators(
+    sites: Mapping[str, SiteState], buffers: Mapping[torch.device, Tensor], offsets: Mapping[str, int]
+) -> None:
+    """Make each site's accumulator a view into its buffer again (after a plain pickle round trip)."""
+    for name, site in sites.items():
+        start = offsets[name]
+        site.accumulator = buffers[site.mean.device][start : start + accumulator_size(site.neurons)]

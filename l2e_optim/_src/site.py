@@ -202,6 +202,11 @@ def make_hook(
     owner = weakref.ref(module)
 
     def observe(z: Tensor) -> Tensor:
+        if z.is_complex():
+            raise TypeError(
+                f"L2E site {site.name!r} got a complex activation ({z.dtype}); monosemanticity "
+                "scores are defined for real activations. Point sites at real-valued modules."
+            )
         if z.device != site.mean.device:
             raise RuntimeError(
                 f"L2E site {site.name!r} keeps its state on {site.mean.device} but its activation "

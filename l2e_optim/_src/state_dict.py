@@ -97,8 +97,9 @@ def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Op
     """Check a base optimizer state dict against ``optimizer`` before it is loaded.
 
     ``Optimizer.load_state_dict`` checks group sizes only and accepts state of any shape (the
-    next ``step()`` fails, or worse, broadcasts); this checks the groups, that every state entry
-    belongs to a saved parameter, and each state tensor's finiteness and shape.
+    next ``step()`` fails, or worse, broadcasts); this checks the groups and, for each state
+    entry of a saved parameter, its tensors' finiteness and shape. Entries not keyed by a
+    parameter pass through unchecked, as torch keeps them.
     """
     groups = state_dict.get("param_groups")
     state = state_dict.get("state")
@@ -122,7 +123,9 @@ def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Op
     elementwise = isinstance(optimizer, _ELEMENTWISE)
     for pid, entry in state.items():
         if pid not in params:
-            raise CheckpointError(f"{prefix}state.{pid}: state for a parameter id that no group lists")
+            # Optimizer.load_state_dict keeps state not keyed by a parameter as it is (state-dict
+            # hooks and subclasses keep their own entries there): so does the wrapper.
+            continue
         if not isinstance(entry, Mapping):
             raise CheckpointError(f"{prefix}state.{pid}: expected a dict, got {type(entry).__name__}")
         live_state = optimizer.state.get(params[pid])

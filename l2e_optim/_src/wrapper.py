@@ -14,18 +14,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .amp_forwarding import AmpForwarding
+from .base_step import requires_closure, step_without_global_hooks
 from .commit import commit_site
 from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
-from .distributed import start_all_reduce
-from .layout import build_sites, module_device
+from .distributed import PendingReduce, start_all_reduce
+from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
+from .ownership import check_optimizer_trains, claim_sites, release_sites
 from .site import SiteRuntime, SiteState, make_hook
 from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_base_state, validate_l2e_state
 
 Tap = Literal["input", "output"]
 
 
-class L2EWrapper(torch.optim.Optimizer):
+class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
     """Wrap ``base_optimizer`` so that training ``model`` inhibits its monosemantic neurons.
 
     The wrapper is the optimizer the loop (and any LR scheduler) talks to. ``param_groups``,
@@ -72,11 +75,13 @@ class L2EWrapper(torch.optim.Optimizer):
             raise ValueError(f"tap={tap!r} must be 'input' or 'output'.")
         if tap == "output" and sites is None:
             raise ValueError("tap='output' needs explicit sites (e.g. the MLP up projections).")
+        check_optimizer_trains(model, base_optimizer)
         names = resolve_sites(model, sites, config.layers)
         modules = dict(model.named_modules())
         device = module_device(model)
 
         self._base = base_optimizer
+        self._closure_required = requires_closure(base_optimizer)
         self._init_hook_dicts()
         self._patch_step_function()
         self.config = config
@@ -92,6 +97,7 @@ class L2EWrapper(torch.optim.Optimizer):
                 self._handles.append(module.register_forward_pre_hook(hook))
             else:
                 self._handles.append(module.register_forward_hook(hook))
+        claim_sites(self, {name: modules[name] for name in self._sites})
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
     @property
@@ -141,18 +147,28 @@ class L2EWrapper(torch.optim.Optimizer):
         """Step the base optimizer, then commit this step's statistics and thresholds.
 
         ``closure`` (if given) is called once, with grad enabled, before any gradient change;
-        its value is returned. With a process group, the step's sums are all-reduced (one
-        collective, overlapped with the base step).
+        its value is returned. A base whose ``step`` requires a closure (LBFGS) gets it and calls
+        it as often as it likes; the statistics committed are those gathered since the last
+        ``zero_grad()`` (with the usual closure, which starts with ``zero_grad()``, its last
+        evaluation's). With a process group, the step's sums are all-reduced (one collective).
+        Global optimizer step hooks fire once, with this wrapper as the optimizer.
         """
+        # GradScaler's fused path steps every time and tells the base to skip through found_inf;
+        # a skipped step must commit nothing (read before the base step, which may consume it).
+        found_inf = getattr(self._base, "found_inf", None)
+        if self._closure_required:
+            if closure is None:
+                raise TypeError(f"{type(self._base).__name__}.step needs a closure: call step(closure).")
+            loss = step_without_global_hooks(self._base, closure)
+            self._commit(start_all_reduce(list(self._buffers.values()), self.process_group), found_inf)
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         pending = start_all_reduce(list(self._buffers.values()), self.process_group)
-        self._base.step()
-        if pending is not None:
-            pending.wait()
-        self._commit()
+        step_without_global_hooks(self._base, None)
+        self._commit(pending, found_inf)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -170,10 +186,17 @@ class L2EWrapper(torch.optim.Optimizer):
         """Add a parameter group to the base optimizer."""
         self._base.add_param_group(param_group)
 
-    def _commit(self) -> None:
+    def _commit(self, pending: PendingReduce | None = None, found_inf: Tensor | None = None) -> None:
+        if pending is not None:
+            pending.wait()
+        stepped = None if found_inf is None else found_inf == 0
+        if stepped is not None:
+            with torch.no_grad():  # zero sums commit nothing: no token, no threshold move
+                for buffer in self._buffers.values():
+                    buffer.mul_(stepped.to(buffer.device, buffer.dtype))
         for site in self._sites.values():
             commit_site(site, self.config)
-        self._step_count.add_(1)
+        self._step_count.add_(1 if stepped is None else stepped.to(self._step_count.device, torch.int64))
 
     # -- controls -------------------------------------------------------------------------------
     def set_token_mask(self, mask: Tensor | None) -> None:
@@ -224,6 +247,7 @@ class L2EWrapper(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        release_sites(self)
 
     def metrics(self) -> dict[str, float]:
         """Scalars for logging (this is the one method that synchronises with the device)."""
@@ -295,10 +319,39 @@ class L2EWrapper(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        """What a deep copy or a pickle holds: the base optimizer and the L2E state, detached.
+
+        Like ``Optimizer.__getstate__``, instance attributes others installed (an LR scheduler's
+        patched ``step``, which points back at this very wrapper) and step / state-dict hooks are
+        left out. So are the model's hooks, the token mask, the GradScaler and the process group:
+        a copy is *detached*: it steps its own copy of the base optimizer and keeps the committed
+        statistics (not a step's pending sums: copied parameters carry no gradients either), but
+        observes and inhibits nothing. To continue L2E on a copied model, build
+        a new wrapper on it and ``load_state_dict(old.state_dict())``.
+        """
+        return {
+            "_base": self._base,
+            "config": self.config,
+            "_step_count": self._step_count,
+            "_sites": self._sites,
+            "_buffers": self._buffers,
+            "_accumulator_offsets": accumulator_offsets(self._sites, self._buffers),
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        offsets = state.pop("_accumulator_offsets")
         self.__dict__.update(state)
+        # Plain pickle does not keep the accumulators as views into the shared buffers. A step's
+        # pending sums live as long as its gradients, which copies of parameters do not carry.
+        relink_accumulators(self._sites, self._buffers, offsets)
+        for buffer in self._buffers.values():
+            buffer.zero_()
+        self._init_hook_dicts()
+        self._patch_step_function()
+        self.process_group = None
+        self._runtime = SiteRuntime(self.config, self._step_count)
+        self._handles = []
+        self._closure_required = requires_closure(self._base)
 
     def __repr__(self) -> str:
         sites = ", ".join(self._sites)

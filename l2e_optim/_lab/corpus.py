@@ -15,7 +15,7 @@ import keyword
 import sysconfig
 import token
 import tokenize
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -59,7 +59,8 @@ class Corpus:
         train_features: ``[bytes]`` int64 label per training byte (index into
             :data:`FEATURE_NAMES`), or ``None`` when the text is not Python.
         val_features: the same for ``val``.
-        sources: the files used, in corpus order.
+        sources: the files (or documents) used, in corpus order.
+        feature_names: what each label index means (:data:`FEATURE_NAMES` for Python text).
     """
 
     train: Tensor
@@ -67,6 +68,10 @@ class Corpus:
     train_features: Tensor | None
     val_features: Tensor | None
     sources: tuple[str, ...]
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+
+#: ``labeller(name, data)``: per-byte labels of one named document (``[len(data)]`` int64).
+Labeller = Callable[[str, bytes], Tensor]
 
 
 def label_python_bytes(source: str) -> Tensor:
@@ -195,26 +200,29 @@ def load_corpus(
         raise DataError(f"val_fraction={val_fraction!r} must lie in (0, 1), e.g. 0.1.")
     if max_bytes < 2:
         raise DataError(f"max_bytes={max_bytes!r} must be at least 2.")
-    files = _stdlib_files() if paths is None else _user_files(paths)
-    texts: list[tuple[str, bytes]] = []
-    total = 0
-    for path in files:
-        data = path.read_bytes()
-        if not data.strip():
-            continue
-        data = data[: max_bytes - total]
-        texts.append((str(path), data))
-        total += len(data)
-        if total >= max_bytes:
-            break
+    files = stdlib_files() if paths is None else _user_files(paths)
+    texts = take_documents(((str(path), path.read_bytes()) for path in files), max_bytes)
     if not texts:
         where = "the standard library" if paths is None else ", ".join(str(p) for p in paths)
         raise DataError(f"no text found in {where}; pass files or folders holding UTF-8 text.")
     python = all(name.endswith(_PYTHON_SUFFIXES) for name, _ in texts)
-    return _split(texts, python, val_fraction)
+    return split_documents(texts, python_labels if python else None, val_fraction)
 
 
-def _stdlib_files() -> list[Path]:
+def take_documents(docs: Iterable[tuple[str, bytes]], max_bytes: int) -> list[tuple[str, bytes]]:
+    """Named documents in order until ``max_bytes`` (the last one cut; blank ones skipped)."""
+    texts: list[tuple[str, bytes]] = []
+    total = 0
+    for name, data in docs:
+        if data.strip():
+            texts.append((name, data[: max_bytes - total]))
+            total += len(texts[-1][1])
+        if total >= max_bytes:  # before the next read: the iterator may read files lazily
+            break
+    return texts
+
+
+def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
         p
@@ -276,36 +284,50 @@ def _is_text(path: Path) -> bool:
     return True
 
 
-def _split(texts: list[tuple[str, bytes]], python: bool, val_fraction: float) -> Corpus:
+def split_documents(
+    texts: Sequence[tuple[str, bytes]],
+    labeller: Labeller | None,
+    val_fraction: float,
+    feature_names: tuple[str, ...] = FEATURE_NAMES,
+) -> Corpus:
+    """Split named documents into train and validation, whole documents to one side.
+
+    The first document trains; each later one goes to validation while validation holds less
+    than ``val_fraction`` of the bytes seen so far. A single document is split at its tail.
+    ``labeller`` gives each document's per-byte labels (``None``: no features).
+    """
     if len(texts) == 1:  # one file: its tail is the validation set
         name, data = texts[0]
         cut = max(1, min(len(data) - 1, round(len(data) * (1.0 - val_fraction))))
-        labels = _labels(data) if python else None
+        labels = labeller(name, data) if labeller is not None else None
         return Corpus(
             train=_bytes_tensor(data[:cut]),
             val=_bytes_tensor(data[cut:]),
             train_features=None if labels is None else labels[:cut],
             val_features=None if labels is None else labels[cut:],
             sources=(name,),
+            feature_names=feature_names,
         )
-    sides: dict[bool, list[bytes]] = {False: [], True: []}
+    sides: dict[bool, list[tuple[str, bytes]]] = {False: [], True: []}
     seen = val_bytes = 0
-    for index, (_, data) in enumerate(texts):
+    for index, (name, data) in enumerate(texts):
         to_val = index > 0 and val_bytes < val_fraction * seen  # first file trains; val trails p
-        sides[to_val].append(data)
+        sides[to_val].append((name, data))
         seen += len(data)
         val_bytes += len(data) if to_val else 0
-    train, val = b"".join(sides[False]), b"".join(sides[True])
+    train, val = (b"".join(data for _, data in sides[side]) for side in (False, True))
     return Corpus(
         train=_bytes_tensor(train),
         val=_bytes_tensor(val),
-        train_features=_cat_labels(sides[False]) if python else None,
-        val_features=_cat_labels(sides[True]) if python else None,
+        train_features=_cat_labels(sides[False], labeller) if labeller is not None else None,
+        val_features=_cat_labels(sides[True], labeller) if labeller is not None else None,
         sources=tuple(name for name, _ in texts),
+        feature_names=feature_names,
     )
 
 
-def _labels(data: bytes) -> Tensor:
+def python_labels(name: str, data: bytes) -> Tensor:
+    """:func:`label_python_bytes` of UTF-8 bytes that may end mid-character (``[len(data)]``)."""
     # A file cut at max_bytes may end mid-character; drop the partial character's bytes.
     labels = label_python_bytes(data.decode("utf-8", errors="ignore"))
     if labels.numel() < len(data):
@@ -313,8 +335,8 @@ def _labels(data: bytes) -> Tensor:
     return labels
 
 
-def _cat_labels(chunks: list[bytes]) -> Tensor:
-    return torch.cat([_labels(c) for c in chunks]) if chunks else torch.zeros(0, dtype=torch.int64)
+def _cat_labels(docs: list[tuple[str, bytes]], labeller: Labeller) -> Tensor:
+    return torch.cat([labeller(n, d) for n, d in docs]) if docs else torch.zeros(0, dtype=torch.int64)
 
 
 def _bytes_tensor(data: bytes) -> Tensor:

@@ -289,6 +289,12 @@ RUNNERS = {"scale": scale, "fkr": fkr, "compare": compare, "threshold": threshol
 
 
 def main(argv: list[str] | None = None) -> None:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["scaling"]:  # the scaling study has its own options and a resumable runner
+        from . import scaling as scaling_study
+
+        scaling_study.main(args_in[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", nargs="+", choices=(*EXPERIMENTS, "all"),
                         help="one or more experiments (fkr reuses the scale models when both run)")

@@ -259,7 +259,7 @@ def train(
         for step in range(1, spec.steps + 1):
             window = next(windows).to(spec.device)
             start = time.perf_counter()
-            loss = _train_step(result, window)
+            loss = train_step(result, window)
             if cuda:  # the one sync the timer needs; nothing inside the step waits on the device
                 torch.cuda.synchronize(spec.device)
             result.step_seconds.append(time.perf_counter() - start)
@@ -275,7 +275,10 @@ def train(
     return result
 
 
-def _train_step(result: RunResult, window: Tensor) -> Tensor:
+def train_step(result: RunResult, window: Tensor) -> Tensor:
+    """One optimizer step on ``window`` (forward, backward, clipping, optimizer and scheduler
+    steps, grads cleared); returns the detached loss (no host sync). Loops that manage their own
+    steps (resumable studies) call this, so every loop trains alike."""
     loss = causal_lm_loss(result.model, window)
     torch.autograd.backward(loss)
     torch.nn.utils.clip_grad_norm_(result.model.parameters(), 1.0)

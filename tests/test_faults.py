@@ -5,7 +5,9 @@ Each test here is the regression test of a defect found by adversarial testing (
 
 from __future__ import annotations
 
+import gc
 import pathlib
+import weakref
 
 import pytest
 import torch
@@ -145,3 +147,54 @@ def test_a_one_token_first_batch_does_not_make_every_value_monosemantic() -> Non
     step(model, opt, normal(1, 0))
     step(model, opt, normal(64, 1))
     assert float(opt.sites[SITE].selected_fraction) < 0.5
+
+
+# -- 3. a dropped wrapper ------------------------------------------------------------------------
+def test_a_dropped_wrapper_leaves_nothing_on_the_model() -> None:
+    model, opt = probe(warmup_steps=0)
+    for s in range(4):
+        step(model, opt, normal(64, s))
+    assert float(opt.sites[SITE].selected_fraction) > 0  # it was inhibiting
+    del opt
+    gc.collect()
+    assert not model[1]._forward_pre_hooks and not model[1]._forward_hooks
+    plain_model = probe_model()
+    plain_model.load_state_dict(model.state_dict())
+    x = normal(64, 9)
+    for m in (model, plain_model):
+        m.zero_grad()
+        m(x).mean().backward()
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(p.grad, q.grad)  # no L2E gradient any more
+
+
+def test_hooks_left_on_a_model_copy_do_nothing_once_the_wrapper_is_gone() -> None:
+    import copy
+
+    model, opt = probe(warmup_steps=0)
+    for s in range(3):
+        step(model, opt, normal(64, s))
+    twin = copy.deepcopy(model)
+    twin.train()
+    refs = [weakref.ref(site) for site in opt.sites.values()]
+    del opt
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # the copy's hook closures keep no state alive
+    twin(normal(8, 1)).mean().backward()
+
+
+# -- 5. a skipped step followed by model.zero_grad() ------------------------------------------------
+def test_a_step_skipped_by_grad_scaler_then_model_zero_grad_commits_nothing() -> None:
+    """HF Trainer clears grads with model.zero_grad(); the skipped step's sums must not leak."""
+    model, opt = probe()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt.set_grad_scaler(scaler)
+    for s in range(3):
+        scaler.scale(model(normal(64, s)).mean()).backward()
+        if s == 1:
+            model[0].weight.grad[0, 0] = float("inf")  # an overflow: the scaler skips this step
+        scaler.step(opt)
+        scaler.update()
+        model.zero_grad()  # not opt.zero_grad()
+    assert int(opt.step_count) == 2
+    assert int(opt.sites[SITE].count) == 2 * 64

@@ -66,6 +66,8 @@ class SiteState:
         self.accumulator = (
             torch.empty(accumulator_size(neurons), dtype=f32, device=device) if accumulator is None else accumulator
         )
+        # GradScaler's scale when the pending sums were gathered (see drop_stale_sums_); not state.
+        self.scale_tag = torch.zeros((), dtype=f32, device=device)
         self.reset_(threshold)
 
     @torch.no_grad()
@@ -197,54 +199,86 @@ def make_hook(
     """The forward (pre-)hook of one site; a closure, so deep copies of the model share it.
 
     A deep copy of the model (EMA, SWA) carries this very function; it checks module identity
-    and does nothing on the copy, so copies never write into the live statistics.
+    and does nothing on the copy, so copies never write into the live statistics. The hook holds
+    the site and the wrapper's runtime weakly: once the wrapper is gone (its finalizer removes
+    the hooks), a hook still reachable (e.g. on a model copy) does nothing and keeps nothing alive.
     """
     owner = weakref.ref(module)
+    site_ref, runtime_ref = weakref.ref(site), weakref.ref(runtime)
+    name = site.name
 
-    def observe(z: Tensor) -> Tensor:
-        if z.is_complex():
-            raise TypeError(
-                f"L2E site {site.name!r} got a complex activation ({z.dtype}); monosemanticity "
-                "scores are defined for real activations. Point sites at real-valued modules."
-            )
-        if z.device != site.mean.device:
-            raise RuntimeError(
-                f"L2E site {site.name!r} keeps its state on {site.mean.device} but its activation "
-                f"is on {z.device}: move the model to its device before building the optimizer "
-                "and the L2EWrapper (as torch.optim requires too)."
-            )
-        config = runtime.config
-        valid = _flat_mask(runtime.token_mask, z, site.name)
-        out = z
-        if torch.is_grad_enabled():
-            tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator)
-            out = _Tap.apply(z, valid, tensors, runtime.tap_options, runtime.loss_scale())  # type: ignore[no-untyped-call]
-        if config.inhibition == "memel":
-            out = _memel(out, valid, site, runtime)
-        return out
+    def live(mod: nn.Module) -> tuple[SiteState, SiteRuntime] | None:
+        live_site, live_runtime = site_ref(), runtime_ref()
+        if live_site is None or live_runtime is None or mod is not owner():
+            return None
+        if live_runtime.paused or not mod.training:
+            return None
+        return live_site, live_runtime
 
     if tap == "input":
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            if mod is not owner() or runtime.paused or not mod.training:
+            found = live(mod)
+            if found is None:
                 return None
             if not args or not isinstance(args[0], Tensor):
                 raise TypeError(
-                    f"L2E site {site.name!r} expects its activation as the first positional "
+                    f"L2E site {name!r} expects its activation as the first positional "
                     "argument of the module's forward; pass sites whose input is the activation."
                 )
-            return (observe(args[0]),) + tuple(args[1:])
+            return (_observe(args[0], *found),) + tuple(args[1:])
 
         return pre_hook
 
     def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
-        if mod is not owner() or runtime.paused or not mod.training:
+        found = live(mod)
+        if found is None:
             return None
         if not isinstance(output, Tensor):
-            raise TypeError(f"L2E site {site.name!r} (tap='output') must return a single tensor.")
-        return observe(output)
+            raise TypeError(f"L2E site {name!r} (tap='output') must return a single tensor.")
+        return _observe(output, *found)
 
     return post_hook
+
+
+def _observe(z: Tensor, site: SiteState, runtime: SiteRuntime) -> Tensor:
+    if z.is_complex():
+        raise TypeError(
+            f"L2E site {site.name!r} got a complex activation ({z.dtype}); monosemanticity "
+            "scores are defined for real activations. Point sites at real-valued modules."
+        )
+    if z.device != site.mean.device:
+        raise RuntimeError(
+            f"L2E site {site.name!r} keeps its state on {site.mean.device} but its activation "
+            f"is on {z.device}: move the model to its device before building the optimizer "
+            "and the L2EWrapper (as torch.optim requires too)."
+        )
+    config = runtime.config
+    valid = _flat_mask(runtime.token_mask, z, site.name)
+    out = z
+    if torch.is_grad_enabled():
+        loss_scale = runtime.loss_scale()
+        if loss_scale is not None:
+            drop_stale_sums_(site.accumulator, site.scale_tag, loss_scale)
+        tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator)
+        out = _Tap.apply(z, valid, tensors, runtime.tap_options, loss_scale)  # type: ignore[no-untyped-call]
+    if config.inhibition == "memel":
+        out = _memel(out, valid, site, runtime)
+    return out
+
+
+def drop_stale_sums_(acc: Tensor, tag: Tensor, loss_scale: Tensor) -> None:
+    """Zero the pending sums if GradScaler's scale changed since they were gathered; then retag.
+
+    A step GradScaler skips never reaches ``step()``, and a loop that then clears gradients with
+    ``model.zero_grad()`` (HF Trainer) never reaches ``opt.zero_grad()`` either: the skipped
+    step's sums would be committed with the next step's. The scaler's ``update()`` halves the
+    scale after every skipped step and changes it at no other time within a step, so a changed
+    scale at a forward means the pending sums belong to discarded gradients. Device-side (a
+    masked fill), so no host sync; after a committed step the sums are zero anyway.
+    """
+    acc.masked_fill_(tag != loss_scale, 0.0)
+    tag.copy_(loss_scale)
 
 
 def _memel(z: Tensor, valid: Tensor | None, site: SiteState, runtime: SiteRuntime) -> Tensor:

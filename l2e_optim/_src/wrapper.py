@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -98,6 +99,9 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
             else:
                 self._handles.append(module.register_forward_hook(hook))
         claim_sites(self, {name: modules[name] for name in self._sites})
+        # A dropped wrapper leaves nothing on the model: the hooks hold it weakly and its
+        # finalizer removes them (the finalizer holds the handles, never the wrapper).
+        weakref.finalize(self, _remove_handles, self._handles)
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
     @property
@@ -244,9 +248,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach every hook from the model (idempotent). The state stays readable."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove_handles(self._handles)
         release_sites(self)
 
     def metrics(self) -> dict[str, float]:
@@ -360,3 +362,9 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
             f"L2EWrapper(inhibition={self.config.inhibition!r}, ratio={self.config.ratio}, "
             f"strength={self.config.strength}, sites=[{sites}],\n  base=\n{base}\n)"
         )
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()

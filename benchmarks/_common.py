@@ -1,7 +1,9 @@
-"""Shared plumbing of the benchmarks: machine description, paired timing, table and JSON output."""
+"""Shared plumbing of the benchmarks: the command line, machine description, paired timing,
+table and JSON output, and the text batches they train on."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -13,6 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from l2e_optim._lab.corpus import batches
+from l2e_optim._lab.zoo import stdlib_bytes
 
 #: Every benchmark's machine-readable result is one stdout line starting with this prefix.
 JSON_PREFIX = "BENCH_JSON "
@@ -33,9 +38,61 @@ def machine() -> dict[str, Any]:
     }
 
 
-def set_threads(threads: int) -> None:
-    """Pin torch's intra-op threads: on a shared 2-core box one thread gives steadier medians."""
-    torch.set_num_threads(threads)
+#: An integer option's default: one value, or ``(smoke, full)`` where ``--smoke`` changes it.
+Default = int | tuple[int, int]
+
+
+def parse_args(
+    doc: str | None,
+    argv: Sequence[str] | None,
+    options: Mapping[str, Default],
+    *,
+    smoke_help: str = "tiny model, few rounds (for CI)",
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The command line every benchmark shares: ``--smoke``, ``--threads`` and integer options.
+
+    ``options`` maps an option's name (``"max_log_n"`` for ``--max-log-n``) to its default; an
+    explicit value on the command line wins over both of a ``(smoke, full)`` pair. ``extra`` adds
+    the few options that are not integers. Pins torch's threads before returning.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    for name, default in options.items():
+        shown = f"{default[1]} ({default[0]} with --smoke)" if isinstance(default, tuple) else default
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {shown}")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    for name, default in options.items():
+        if getattr(args, name) is None:
+            pair = default if isinstance(default, tuple) else (default, default)
+            setattr(args, name, pair[0] if args.smoke else pair[1])
+    # On a shared 2-core box one thread gives steadier medians.
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def main(
+    name: str,
+    doc: str | None,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    argv: Sequence[str] | None,
+    options: Mapping[str, Default],
+    **parse_kw: Any,
+) -> dict[str, Any]:
+    """A benchmark's whole ``main``: parse the shared command line, run, emit the JSON line."""
+    result = run(parse_args(doc, argv, options, **parse_kw))
+    emit(name, result)
+    return result
+
+
+def byte_batches(batch: int, seq_len: int, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` batches ``[batch, seq_len]`` of real text bytes (the standard library's sources)."""
+    tokens = stdlib_bytes(limit=batch * seq_len * count + seq_len + 1)
+    windows = batches(tokens, batch_size=batch, seq_len=seq_len - 1, seed=seed)
+    return [next(windows) for _ in range(count)]
 
 
 def paired_times(

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -28,12 +29,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import MODEL_SHAPES, PlainLM, build_model, lm_loss
 from l2e_optim._src import wrapper as _wrapper_module
+from l2e_optim._src.distributed import start_all_reduce
 
 from . import _common
-from ._model import PYTHIA_70M, TINY, PlainLM, byte_batches, gpt_neox, lm_loss
-
-SHAPES = {"tiny": TINY, "pythia-70m": PYTHIA_70M}
 
 
 class CollectiveClock:
@@ -49,11 +49,11 @@ class CollectiveClock:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        original_start, original_reduce = _wrapper_module.start_all_reduce, dist.all_reduce
+        original_reduce = dist.all_reduce
 
         def timed_start(accumulators: Any, group: Any) -> Any:
             start = time.perf_counter()
-            pending = original_start(accumulators, group)
+            pending = start_all_reduce(accumulators, group)
             launched = time.perf_counter() - start
             if pending is None:
                 return None
@@ -71,19 +71,16 @@ class CollectiveClock:
             self.calls.append(tensor.numel())
             return original_reduce(tensor, *args, **kwargs)
 
-        _wrapper_module.start_all_reduce = timed_start  # type: ignore[assignment]
-        dist.all_reduce = counted_reduce  # type: ignore[assignment]
-        try:
+        # The wrapper looks start_all_reduce up in its own module's namespace: patch it there.
+        with mock.patch.object(_wrapper_module, "start_all_reduce", timed_start), \
+                mock.patch.object(dist, "all_reduce", counted_reduce):
             yield
-        finally:
-            _wrapper_module.start_all_reduce = original_start
-            dist.all_reduce = original_reduce
 
 
 def make_model(args: argparse.Namespace) -> nn.Module:
     if args.smoke:
         return PlainLM(width=32, layers=4)  # no transformers import: seconds of CI saved
-    return gpt_neox(SHAPES[args.shape], seq_len=args.seq)
+    return build_model(args.shape)
 
 
 def make_step(
@@ -94,7 +91,7 @@ def make_step(
     def run() -> None:
         ids = batches[position[0] % len(batches)]
         position[0] += 1
-        lm_loss(model, ids).backward()
+        torch.autograd.backward(lm_loss(model, ids))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -121,28 +118,22 @@ def identical_on_all_ranks(tensors: list[torch.Tensor]) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny torch-only model, few rounds (CI)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+#: --batch is sequences per rank.
+OPTIONS: dict[str, _common.Default] = {"rounds": (4, 20), "batch": (2, 4), "seq": (16, 128)}
+
+
+def _choices(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=sorted(MODEL_SHAPES), default="tiny")
     parser.add_argument("--layers", choices=["mid-2", "all"], default="all")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4, help="sequences per rank")
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.rounds, args.batch, args.seq = 4, 2, 16
-    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    _common.set_threads(args.threads)
+    args = _common.parse_args(__doc__, argv, OPTIONS, smoke_help="tiny torch-only model, few rounds (CI)",
+                              extra=_choices)
     if not dist.is_initialized():
         dist.init_process_group("gloo")  # torchrun's environment; CPU collectives
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = byte_batches(args.batch * world, args.seq + 1, args.rounds + 2, seed=0)
+    batches = _common.byte_batches(args.batch * world, args.seq + 1, args.rounds + 2, seed=0)
     local = [b.chunk(world)[rank] for b in batches]  # each rank its own rows
     base_model, l2e_model = DDP(make_model(args)), DDP(make_model(args))
     config = L2EConfig(layers=args.layers, warmup_steps=0)

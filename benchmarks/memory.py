@@ -54,20 +54,20 @@ def child(arm: str, smoke: bool, batch: int, seq: int, steps: int) -> dict[str, 
 
     from l2e_optim import L2EConfig, L2EWrapper
 
-    from ._model import PYTHIA_70M, PlainLM, byte_batches, gpt_neox, lm_loss
+    from l2e_optim._lab.zoo import PlainLM, build_model, lm_loss
 
     torch.set_num_threads(1)
-    batches = byte_batches(batch, seq + 1, count=steps + 1)
+    batches = _common.byte_batches(batch, seq + 1, count=steps + 1)
     gc.collect()
     before_model = _status_kib("VmRSS")
-    model = PlainLM() if smoke else gpt_neox(PYTHIA_70M, seq_len=seq + 1)
+    model = PlainLM(width=64) if smoke else build_model("pythia-70m")
     opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if arm != "adamw":
         layers = arm.split("/")[1]
         opt = L2EWrapper(opt, model, config=L2EConfig(layers=layers, warmup_steps=0))  # type: ignore[arg-type]
 
     def train_step(ids: torch.Tensor) -> None:
-        lm_loss(model, ids).backward()
+        torch.autograd.backward(lm_loss(model, ids))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -138,20 +138,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "checks": {"sites_select": True, "state_bytes_match_formula": True}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny torch-only model, one repeat (for CI)")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=3)
+OPTIONS: dict[str, _common.Default] = {"repeats": (1, 3), "batch": 4, "seq": (32, 64), "steps": 3}
+
+
+def _child_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--child", choices=ARMS, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.seq = args.seq or (32 if args.smoke else 64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _common.parse_args(__doc__, argv, OPTIONS, smoke_help="tiny torch-only model, one repeat (for CI)",
+                              extra=_child_option)
     if args.child is not None:
         print(_common.JSON_PREFIX + json.dumps(child(args.child, args.smoke, args.batch, args.seq, args.steps)))
         return
-    args.repeats = args.repeats or (1 if args.smoke else 3)
     _common.emit("memory", run(args))
 
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from l2e_optim import L2EConfig, L2EWrapper, monosemanticity_scores
 from l2e_optim._lab.corpus import FEATURE_NAMES, Corpus, batches, load_corpus
-from l2e_optim._lab.pretrain import RunResult, RunSpec, causal_lm_loss, setup, train
+from l2e_optim._lab.pretrain import Method, RunResult, RunSpec, setup, train
+from l2e_optim._lab.zoo import lm_loss
 
 from . import _common, _probe
 
@@ -75,7 +76,7 @@ QUICK = Size(
 )
 
 
-def spec(size: Size, method: str, *, steps: int, width: int, layers: int, seed: int,
+def spec(size: Size, method: Method, *, steps: int, width: int, layers: int, seed: int,
          l2e: L2EConfig | None = None) -> RunSpec:
     return RunSpec(
         method=method, shape="tiny", steps=steps, batch_size=size.batch, seq_len=size.seq,
@@ -95,7 +96,7 @@ def probe(model: nn.Module, corpus: Corpus, size: Size) -> tuple[list[torch.Tens
 
 # -- 1. scale ---------------------------------------------------------------------------------
 def scale(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
-    models = []
+    models: list[dict[str, Any]] = []
     for width, layers in size.scale_models:
         run = train(spec(size, "adamw", steps=size.scale_steps, width=width, layers=layers, seed=0),
                     corpus, progress=False)
@@ -140,7 +141,7 @@ def fkr(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- 3. compare -------------------------------------------------------------------------------
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+VARIANTS: dict[str, tuple[Method, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "l2e": ("l2e", {}),
     "memel": ("memel", {}),
@@ -152,7 +153,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "l2e/all": ("l2e", {"layers": "all"}),
 }
 #: Selectable with --variants only (not part of the default compare).
-EXTRA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+EXTRA_VARIANTS: dict[str, tuple[Method, dict[str, Any]]] = {
     "l2e/strength-1e-4": ("l2e", {"strength": 1e-4}),
     "l2e/strength-1e-2": ("l2e", {"strength": 1e-2}),
     # The control: the same penalty on a random 2% of values, blind to monosemanticity.
@@ -166,7 +167,7 @@ def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]
     for seed in size.seeds:  # seed-major: every variant of a seed runs close together in time
         for name in names:
             method, options = {**VARIANTS, **EXTRA_VARIANTS}[name]
-            config = None if method == "adamw" else L2EConfig(inhibition=method, warmup_steps=size.warmup_steps, **options)  # type: ignore[arg-type]
+            config = None if method == "adamw" else L2EConfig(inhibition=method, warmup_steps=size.warmup_steps, **options)
             run = train(spec(size, method, steps=size.compare_steps, width=size.compare_width,
                              layers=size.compare_layers, seed=seed, l2e=config), corpus, progress=False)
             runs[name].append(_run_metrics(run, corpus, size))
@@ -242,8 +243,7 @@ def threshold(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, An
     handles = [modules[n].register_forward_pre_hook(recorder(n)) for n in opt.sites]
     windows = batches(corpus.train, batch_size=size.batch, seq_len=size.seq, seed=0)
     for _ in range(size.threshold_steps):
-        loss = causal_lm_loss(run.model, next(windows))
-        loss.backward()
+        torch.autograd.backward(lm_loss(run.model, next(windows)))
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
         opt.step()
         run.scheduler.step()

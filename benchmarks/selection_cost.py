@@ -55,7 +55,6 @@ def threshold_select(scores: torch.Tensor, tau: torch.Tensor, total: torch.Tenso
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    _common.set_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     tau = converge_threshold(args.tokens, 2**12, steps=args.converge_steps, generator=g)
     rows, results = [], []
@@ -100,18 +99,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "checks": {"fractions_agree": True}}
 
 
+OPTIONS: dict[str, _common.Default] = {"tokens": 64, "rounds": (3, 15), "max_log_n": (14, 20), "converge_steps": 400}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="N up to 2^14, few rounds (for CI)")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--max-log-n", type=int, default=None)
-    parser.add_argument("--converge-steps", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (3 if args.smoke else 15)
-    args.max_log_n = args.max_log_n or (14 if args.smoke else 20)
-    _common.emit("selection_cost", run(args))
+    _common.main("selection_cost", __doc__, run, argv, OPTIONS, smoke_help="N up to 2^14, few rounds (for CI)")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import build_model, lm_loss
 
 from . import _common
-from ._model import PYTHIA_70M, TINY, byte_batches, gpt_neox, lm_loss
 
 
 def fill_grads(model: nn.Module, seed: int) -> None:
@@ -41,14 +41,14 @@ def build(model: nn.Module, fused: bool, wrap: bool) -> torch.optim.Optimizer:
 
 def populate_statistics(model: nn.Module, opt: torch.optim.Optimizer, seq: int) -> None:
     """One real forward/backward/step so the sites hold statistics (the commit is branch-free)."""
-    ids = byte_batches(2, seq, count=1)[0]
-    lm_loss(model, ids).backward()
+    ids = _common.byte_batches(2, seq, count=1)[0]
+    torch.autograd.backward(lm_loss(model, ids))
     opt.step()
 
 
-def check_equivalence(shape: dict[str, int], seq: int) -> None:
+def check_equivalence(shape: str) -> None:
     """foreach ~ fused; wrapped (strength 0) == its base, bit for bit, over 3 steps."""
-    base = gpt_neox(shape, seq_len=seq)
+    base = build_model(shape)
     arms = {key: copy.deepcopy(base) for key in ("foreach", "fused", "l2e+foreach", "l2e+fused")}
     opts = {key: build(m, fused="fused" in key, wrap="l2e" in key) for key, m in arms.items()}
     for step in range(3):
@@ -62,11 +62,10 @@ def check_equivalence(shape: dict[str, int], seq: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    _common.set_threads(args.threads)
-    shape = TINY if args.smoke else PYTHIA_70M
+    shape = "tiny" if args.smoke else "pythia-70m"
     seq = 17
-    check_equivalence(shape, seq)
-    base = gpt_neox(shape, seq_len=seq)
+    check_equivalence(shape)
+    base = build_model(shape)
     names = ["adamw-foreach", "adamw-fused", "l2e+foreach", "l2e+fused"]
     models = {name: copy.deepcopy(base) for name in names}
     opts = {name: build(models[name], fused="fused" in name, wrap="l2e" in name) for name in names}
@@ -97,14 +96,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "checks": {"fused_matches_foreach": True, "wrapper_matches_base": True}}
 
 
+OPTIONS: dict[str, _common.Default] = {"rounds": (5, 40)}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model, few rounds (for CI)")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (5 if args.smoke else 40)
-    _common.emit("step_only", run(args))
+    _common.main("step_only", __doc__, run, argv, OPTIONS)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import build_model, lm_loss
 
 from . import _common
-from ._model import PYTHIA_70M, TINY, byte_batches, gpt_neox, lm_loss
 
 #: Targets from the issue: L2E at most 1.01x AdamW with "mid-2" sites, 1.03x with "all".
 TARGETS = {"l2e/mid-2": 1.01, "l2e/all": 1.03}
@@ -53,7 +53,7 @@ def make_step(
         ids = batches[counter[0] % len(batches)]
         counter[0] += 1
         loss = lm_loss(model, ids)
-        loss.backward()
+        torch.autograd.backward(loss)
         start = time.process_time()
         opt.step()
         step_times.append(time.process_time() - start)
@@ -63,9 +63,9 @@ def make_step(
     return run
 
 
-def check_reduces_to_adamw(shape: dict[str, int], batches: list[torch.Tensor], seq: int) -> None:
+def check_reduces_to_adamw(shape: str, batches: list[torch.Tensor]) -> None:
     """With strength 0 the wrapped AdamW must train exactly like AdamW (bit-identical)."""
-    plain = gpt_neox(shape, seq_len=seq)
+    plain = build_model(shape)
     wrapped = copy.deepcopy(plain)
     opt_a = torch.optim.AdamW(plain.parameters(), lr=LR)
     opt_b = L2EWrapper(
@@ -75,7 +75,7 @@ def check_reduces_to_adamw(shape: dict[str, int], batches: list[torch.Tensor], s
     )
     for ids in batches[:3]:
         for model, opt in ((plain, opt_a), (wrapped, opt_b)):
-            lm_loss(model, ids).backward()
+            torch.autograd.backward(lm_loss(model, ids))
             opt.step()
             opt.zero_grad()
     for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
@@ -83,12 +83,11 @@ def check_reduces_to_adamw(shape: dict[str, int], batches: list[torch.Tensor], s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    _common.set_threads(args.threads)
-    shape = TINY if args.smoke else PYTHIA_70M
-    batches = byte_batches(args.batch, args.seq + 1, count=8)
-    check_reduces_to_adamw(shape, batches, args.seq + 1)
+    shape = "tiny" if args.smoke else "pythia-70m"
+    batches = _common.byte_batches(args.batch, args.seq + 1, count=8)
+    check_reduces_to_adamw(shape, batches)
 
-    base_model = gpt_neox(shape, seq_len=args.seq + 1)
+    base_model: nn.Module = build_model(shape)
     arm_names = ["adamw", "l2e/mid-2", "l2e/all", "memel/mid-2", "memel/all"]
     models = {arm: copy.deepcopy(base_model) for arm in arm_names}
     opts = {arm: make_optimizer(models[arm], arm) for arm in arm_names}
@@ -150,17 +149,11 @@ def _check_inhibition_live(models: dict[str, nn.Module], opts: dict[str, torch.o
         assert differs, f"{arm}: parameters equal AdamW's; the inhibition did nothing"
 
 
+OPTIONS: dict[str, _common.Default] = {"rounds": (3, 20), "batch": 4, "seq": (32, 64)}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model, few rounds (for CI)")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (3 if args.smoke else 20)
-    args.seq = args.seq or (32 if args.smoke else 64)
-    _common.emit("step_overhead", run(args))
+    _common.main("step_overhead", __doc__, run, argv, OPTIONS)
 
 
 if __name__ == "__main__":

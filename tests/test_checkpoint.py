@@ -17,8 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from conftest import batches, stdlib_bytes, tiny_gpt_neox, tiny_llama
+from conftest import batches
 from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
+from l2e_optim._lab.zoo import stdlib_bytes, tiny_gpt_neox, tiny_llama
 from l2e_optim._src import checkpoint_io
 
 torch.set_num_threads(1)

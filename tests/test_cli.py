@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from l2e_optim import load_checkpoint
 from l2e_optim._lab.cli import main
-from l2e_optim._lab.pretrain import METHODS, RunResult, build_model
+from l2e_optim._lab.pretrain import METHODS, RunResult
+from l2e_optim._lab.zoo import build_model
 
 SMOKE = ["--smoke", "--no-progress"]
 TABLE_FIELDS = ["train loss", "train ppl", "val loss", "val ppl", "tokens/s", "step time / adamw",

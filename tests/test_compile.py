@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from conftest import PlainLM, batches, tiny_gpt_neox
+from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import PlainLM, tiny_gpt_neox
 
 CONFIG = {"warmup_steps": 1, "strength": 0.05, "ratio": 0.05}
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import PlainLM, batches
+from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import PlainLM
 
 pytestmark = pytest.mark.cuda
 

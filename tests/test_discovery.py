@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MODEL_BUILDERS, VOCAB, PlainLM
 from l2e_optim import L2EConfig, L2EWrapper, SiteDiscoveryError
+from l2e_optim._lab.zoo import MODEL_BUILDERS, VOCAB, PlainLM
 
 EXPECTED_MID2 = {
     "gpt_neox": (["gpt_neox.layers.1.mlp.dense_4h_to_h", "gpt_neox.layers.2.mlp.dense_4h_to_h"], 128),

@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import batches, stdlib_bytes, tiny_gpt2, tiny_gpt_neox
+from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
+from l2e_optim._lab.zoo import PlainLM, stdlib_bytes, tiny_gpt2, tiny_gpt_neox
 
 pytestmark = pytest.mark.distributed
 
@@ -509,7 +510,6 @@ def test_collective_benchmark_smoke() -> None:
     """The benchmark runs under torchrun (2 ranks) and posts its own checks and sane numbers."""
     sys.path.insert(0, str(REPO))
     from benchmarks import _common
-    from benchmarks._model import PlainLM
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "benchmarks.distributed_collective", "--smoke"]

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import batches, tiny_gpt_neox
+from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import tiny_gpt_neox
 
 SEQ, BATCH, STEPS = 16, 4, 4
 CONFIG = L2EConfig(warmup_steps=1, strength=0.05, ratio=0.05)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PlainLM, batches, tiny_gpt_neox
+from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import PlainLM, tiny_gpt_neox
 from l2e_optim._src import reference
 
 

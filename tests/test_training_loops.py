@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.checkpoint import checkpoint
 
-from conftest import PlainLM, batches, tiny_gpt_neox
+from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import PlainLM, tiny_gpt_neox
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -129,8 +130,8 @@ class CheckpointedLM(PlainLM):
         super().__init__()
         self.reentrant = reentrant
 
-    def forward(self, ids: Tensor) -> Tensor:
-        x = self.embed(ids)
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.embed(input_ids)
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=self.reentrant)
         return self.head(x)

@@ -24,8 +24,9 @@ from .corpus import DataError, load_corpus
 from .._src.discovery import SiteDiscoveryError, discover_sites
 from .interrupt import StepBoundaryInterrupt, StopRequested
 from .model_io import InputError, load_causal_lm, load_tokenizer, tokenize_bytes, token_renderer
-from .pretrain import METHODS, MODEL_SHAPES, RunResult, RunSpec, UnknownModelError, train
+from .pretrain import METHODS, RunResult, RunSpec, train
 from .report import analysis_png, analysis_table, check_writable, demo_png, demo_table, write_json
+from .zoo import MODEL_SHAPES, UnknownModelError
 from .._src.wrapper import L2EWrapper
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

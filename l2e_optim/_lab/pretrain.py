@@ -11,100 +11,18 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._src.config import L2EConfig
-from .corpus import Corpus, batches
 from .._src.wrapper import L2EWrapper
-
-if TYPE_CHECKING:
-    from transformers import GPTNeoXForCausalLM
+from .corpus import Corpus, batches
+from .zoo import build_model, lm_loss
 
 Method = Literal["adamw", "l2e", "memel"]
 METHODS: tuple[Method, ...] = ("adamw", "l2e", "memel")
-
-MODEL_SHAPES: dict[str, dict[str, int]] = {
-    # A few-minute CPU default: 4 blocks of width 64 (about 0.2M parameters with bytes).
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256},
-    # The real Pythia shapes (EleutherAI/pythia-*), with a byte vocabulary unless given.
-    "pythia-14m": {"hidden_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 512},
-    "pythia-70m": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048},
-    "pythia-160m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
-    "pythia-410m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
-}
-"""Named model shapes: hidden size, blocks, heads and MLP width (GPT-NeoX, Pythia's settings)."""
-
-
-class UnknownModelError(ValueError):
-    """A model shape name that is not in :data:`MODEL_SHAPES`."""
-
-
-def model_config(
-    shape: str,
-    *,
-    vocab_size: int = 256,
-    max_positions: int = 2048,
-    width: int | None = None,
-    layers: int | None = None,
-) -> Any:
-    """The ``GPTNeoXConfig`` of a named shape (``width``/``layers`` override it)."""
-    from transformers import GPTNeoXConfig
-
-    if shape not in MODEL_SHAPES:
-        raise UnknownModelError(
-            f"unknown model {shape!r}; known models: {', '.join(MODEL_SHAPES)} "
-            "(or give width/layers with one of them as the base)."
-        )
-    dims = dict(MODEL_SHAPES[shape])
-    if width is not None:
-        head_dim = dims["hidden_size"] // dims["num_attention_heads"]
-        if width < 1 or width % min(head_dim, width) != 0:
-            raise UnknownModelError(f"width={width} must be a positive multiple of the head size {head_dim}.")
-        dims["num_attention_heads"] = max(1, width // head_dim)
-        dims["hidden_size"] = width
-        dims["intermediate_size"] = 4 * width
-    if layers is not None:
-        if layers < 1:
-            raise UnknownModelError(f"layers={layers} must be >= 1.")
-        dims["num_hidden_layers"] = layers
-    return GPTNeoXConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=max_positions,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        hidden_size=dims["hidden_size"],
-        num_hidden_layers=dims["num_hidden_layers"],
-        num_attention_heads=dims["num_attention_heads"],
-        intermediate_size=dims["intermediate_size"],
-    )
-
-
-def build_model(
-    shape: str,
-    *,
-    vocab_size: int = 256,
-    max_positions: int = 2048,
-    seed: int = 0,
-    width: int | None = None,
-    layers: int | None = None,
-) -> GPTNeoXForCausalLM:
-    """A randomly initialised ``GPTNeoXForCausalLM`` of a named shape, identical for equal seeds.
-
-    The global RNG is left as it was (initialisation runs in a forked RNG state).
-
-    Raises:
-        UnknownModelError: ``shape`` is not in :data:`MODEL_SHAPES` (the message lists them).
-    """
-    from transformers import GPTNeoXForCausalLM
-
-    config = model_config(shape, vocab_size=vocab_size, max_positions=max_positions, width=width, layers=layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPTNeoXForCausalLM(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +31,7 @@ class RunSpec:
 
     Attributes:
         method: ``"adamw"`` (plain AdamW), ``"l2e"`` or ``"memel"`` (``L2EWrapper(AdamW)``).
-        shape: a :data:`MODEL_SHAPES` name.
+        shape: a :data:`~l2e_optim._lab.zoo.MODEL_SHAPES` name.
         steps: optimizer steps.
         batch_size, seq_len: windows per step and tokens per window.
         lr: peak AdamW learning rate (linear warm-up over 10% of steps, then cosine to 10%).
@@ -199,12 +117,6 @@ def lr_lambda(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def causal_lm_loss(model: nn.Module, window: Tensor) -> Tensor:
-    """Next-byte cross-entropy of ``window`` (``[batch, seq + 1]``): inputs ``[:, :-1]``."""
-    logits = model(input_ids=window[:, :-1]).logits  # [batch, seq, vocab]
-    return F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
-
-
 def setup(spec: RunSpec) -> RunResult:
     """Build the model, optimizer and scheduler of ``spec`` (an empty :class:`RunResult`)."""
     model: nn.Module = build_model(spec.shape, seed=spec.seed, width=spec.width, layers=spec.layers)
@@ -229,7 +141,7 @@ def evaluate(model: nn.Module, tokens: Tensor, spec: RunSpec) -> float:
     windows = batches(tokens, batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed + 1)
     total = 0.0
     for _ in range(spec.eval_batches):
-        total += float(causal_lm_loss(model, next(windows).to(spec.device)))
+        total += float(lm_loss(model, next(windows).to(spec.device)))
     model.train(was_training)
     return total / spec.eval_batches
 
@@ -279,7 +191,7 @@ def train_step(result: RunResult, window: Tensor) -> Tensor:
     """One optimizer step on ``window`` (forward, backward, clipping, optimizer and scheduler
     steps, grads cleared); returns the detached loss (no host sync). Loops that manage their own
     steps (resumable studies) call this, so every loop trains alike."""
-    loss = causal_lm_loss(result.model, window)
+    loss = lm_loss(result.model, window)
     torch.autograd.backward(loss)
     torch.nn.utils.clip_grad_norm_(result.model.parameters(), 1.0)
     result.optimizer.step()

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from l2e_optim import L2EConfig, L2EWrapper, monosemanticity_scores
-from l2e_optim._lab.corpus import FEATURE_NAMES, Corpus, batches, load_corpus
+from l2e_optim._lab.corpus import Corpus, batches, load_corpus
+from l2e_optim._lab.python_features import FEATURE_NAMES
 from l2e_optim._lab.pretrain import Method, RunResult, RunSpec, setup, train
 from l2e_optim._lab.zoo import lm_loss
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2e_optim._lab.corpus import FEATURE_NAMES, DataError, batches, label_python_bytes, load_corpus
+from l2e_optim._lab.corpus import DataError, batches, load_corpus
+from l2e_optim._lab.python_features import FEATURE_NAMES, label_python_bytes
 
 
 def labels_of(source: str, fragment: str, occurrence: int = 0) -> set[str]:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from conftest import PlainLM
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import PlainLM
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
 ACTIVE = L2EConfig(warmup_steps=0, strength=0.1)

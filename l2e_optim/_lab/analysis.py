@@ -25,7 +25,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .corpus import FEATURE_NAMES, DataError
+from .corpus import DataError
+from .python_features import FEATURE_NAMES
 from .._src.discovery import discover_sites
 from .._src.metrics import false_killing_rate
 from .._src.selection import monosemanticity_scores

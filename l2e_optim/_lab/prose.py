@@ -34,15 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .corpus import (
-    Corpus,
-    DataError,
-    _docstring_indices,
-    load_corpus,
-    split_documents,
-    stdlib_files,
-    take_documents,
-)
+from .corpus import Corpus, DataError, load_corpus, split_documents, stdlib_files, take_documents
+from .python_features import docstring_indices
 
 ENGLISH_FEATURES: tuple[str, ...] = (
     "function_word", "capital", "word_initial", "word_internal",
@@ -111,7 +104,7 @@ def python_prose(source: str) -> str:
     paragraphs: list[str] = []
     comment: list[str] = []
     last_comment_row = -2
-    for index in sorted(_docstring_indices(tokens) | {i for i, t in enumerate(tokens) if t.type == tokenize.COMMENT}):
+    for index in sorted(docstring_indices(tokens) | {i for i, t in enumerate(tokens) if t.type == tokenize.COMMENT}):
         tok = tokens[index]
         if tok.type != tokenize.COMMENT:
             paragraphs.append(_docstring_text(tok.string))

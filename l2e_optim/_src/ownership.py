@@ -1,5 +1,5 @@
-"""Mistakes in who owns what, caught at construction: an optimizer that does not train the
-model, and two live wrappers inhibiting the same modules."""
+"""Mistakes caught when a wrapper is built: arguments of the wrong kind, an optimizer that does
+not train the model, and two live wrappers inhibiting the same modules."""
 
 from __future__ import annotations
 
@@ -11,9 +11,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import L2EConfig
+
 # Site module -> the live wrappers hooking it. Weak both ways: a dropped model or wrapper leaves
 # no entry behind, and this table keeps neither alive.
 _HOOKED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def check_arguments(
+    optimizer: Any, model: Any, config: L2EConfig | None, explicit_sites: bool, tap: str
+) -> L2EConfig:
+    """The wrapper's arguments checked before anything is built; returns the config to use."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    config = L2EConfig() if config is None else config
+    if not isinstance(config, L2EConfig):
+        raise TypeError(f"config must be an L2EConfig, got {type(config).__name__}.")
+    if tap not in ("input", "output"):
+        raise ValueError(f"tap={tap!r} must be 'input' or 'output'.")
+    if tap == "output" and not explicit_sites:
+        raise ValueError("tap='output' needs explicit sites (e.g. the MLP up projections).")
+    check_optimizer_trains(model, optimizer)
+    return config
 
 
 def check_optimizer_trains(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -183,6 +183,20 @@ class SiteRuntime:
             config.memel_topk,
         )
 
+    def set_token_mask(self, mask: Tensor | None) -> None:
+        """Check and set the ``[batch, seq]`` token mask (1 = real token) the taps read."""
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}.")
+        # Checked where it costs no device sync (a CPU mask, as data loaders make them); on an
+        # accelerator the tap reads mask > 0, so a stray value never counts a token twice.
+        if mask is not None and mask.device.type == "cpu" and mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(
+                    "token mask values must be 0 (padding) or 1 (real token); got "
+                    f"{sorted(set(mask.flatten().tolist()))[:5]}; pass the batch's attention_mask."
+                )
+        self.token_mask = mask
+
     def loss_scale(self) -> Tensor | None:
         """The registered GradScaler's scale tensor (None without an enabled scaler)."""
         scaler = self.grad_scaler

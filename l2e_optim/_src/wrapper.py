@@ -22,7 +22,7 @@ from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
-from .ownership import check_optimizer_trains, claim_sites, release_sites
+from .ownership import check_arguments, claim_sites, release_sites
 from .site import SiteRuntime, SiteState, make_hook
 from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_base_state, validate_l2e_state
 
@@ -61,22 +61,9 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         tap: Tap = "input",
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}."
-            )
         if isinstance(base_optimizer, L2EWrapper):
             raise TypeError("base_optimizer is already an L2EWrapper; wrap the plain optimizer once.")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-        config = L2EConfig() if config is None else config
-        if not isinstance(config, L2EConfig):
-            raise TypeError(f"config must be an L2EConfig, got {type(config).__name__}.")
-        if tap not in ("input", "output"):
-            raise ValueError(f"tap={tap!r} must be 'input' or 'output'.")
-        if tap == "output" and sites is None:
-            raise ValueError("tap='output' needs explicit sites (e.g. the MLP up projections).")
-        check_optimizer_trains(model, base_optimizer)
+        config = check_arguments(base_optimizer, model, config, sites is not None, tap)
         names = resolve_sites(model, sites, config.layers)
         modules = dict(model.named_modules())
         device = module_device(model)
@@ -210,17 +197,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         replaced or cleared with ``set_token_mask(None)``; pass the batch's ``attention_mask``
         before each forward.
         """
-        if mask is not None and not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}.")
-        # Checked where it costs no device sync (a CPU mask, as data loaders make them); on an
-        # accelerator the tap reads mask > 0, so a stray value never counts a token twice.
-        if mask is not None and mask.device.type == "cpu" and mask.dtype != torch.bool:
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError(
-                    "token mask values must be 0 (padding) or 1 (real token); got "
-                    f"{sorted(set(mask.flatten().tolist()))[:5]}; pass the batch's attention_mask."
-                )
-        self._runtime.token_mask = mask
+        self._runtime.set_token_mask(mask)
 
     def set_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Register the ``torch.amp.GradScaler`` that scales the loss (``None`` unregisters it).

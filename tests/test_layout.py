@@ -97,3 +97,10 @@ def test_no_module_is_longer_than_a_newcomer_can_read() -> None:
     assert len(files) > 20
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}; split them by responsibility"
+
+
+def test_architecture_page_names_every_module() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    modules = [p for part in ("_src", "_lab") for p in (PACKAGE / part).glob("*.py") if p.name != "__init__.py"]
+    missing = sorted(str(p.relative_to(PACKAGE)) for p in modules if f"`{p.name}`" not in page)
+    assert not missing, f"docs/architecture.md does not say what {missing} hold; add them to its tables"

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .base_state import validate_base_state
 from .checkpoint_io import read_file, write_atomically
 from .flat_tree import flatten, unflatten
-from .state_dict import L2E_KEY, CheckpointError, pack_l2e_state, validate_base_state, validate_l2e_state
+from .scheduler_state import validate_scheduler_state
+from .state_dict import L2E_KEY, CheckpointError, pack_l2e_state, validate_l2e_state
 from .wrapper import L2EWrapper
 
 FORMAT = "l2e_optim.checkpoint"
@@ -83,7 +85,7 @@ def save_checkpoint(
         header["model"] = _dumps(flatten(dict(model.state_dict()), "model", tensors), "model")
     if scheduler is not None:
         header["scheduler"] = _dumps(flatten(scheduler.state_dict(), "scheduler", tensors), "scheduler")
-    header["user"] = _dumps(dict(metadata or {}), "metadata")
+    header["user"] = _dumps(_user_metadata(metadata), "metadata")
     write_atomically(path, tensors, header)
 
 
@@ -107,32 +109,49 @@ def load_checkpoint(
     """
     path = os.fspath(path)
     try:
-        header, tensors = read_file(path)
-        _check_format(header)
-        plan = _Plan(strict)
-        used: set[str] = set()
-        plan.optimizer = _plan_optimizer(header, tensors, used, optimizer, plan)
-        if model is not None:
-            plan.model = _plan_model(header, tensors, used, model, plan)
-        elif "model" in header:  # not asked for: its tensors are neither loaded nor unexpected
-            unflatten(_loads(header, "model"), tensors, used, "model")
-        if scheduler is not None:
-            plan.scheduler = _plan_scheduler(header, tensors, used, scheduler, plan)
-        elif "scheduler" in header:
-            unflatten(_loads(header, "scheduler"), tensors, used, "scheduler")
-        user = _loads(header, "user")
-        for key in sorted(set(tensors) - used):
-            plan.unexpected(key, "a tensor that no header entry refers to")
+        plan = _plan(path, optimizer, model, scheduler, strict)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from error
+    except Exception as error:  # a file shaped to trip a check itself (planning changes nothing)
+        raise CheckpointError(f"{path}: cannot be validated ({type(error).__name__}: {error})") from error
     # Nothing above changed any object; from here on nothing can fail on the file's account.
     if model is not None:
         with torch.no_grad():
             model.load_state_dict(plan.model, strict=False)
-    optimizer.load_state_dict(plan.optimizer)
+    if isinstance(optimizer, L2EWrapper):
+        optimizer._load_validated(plan.optimizer, plan.l2e)  # validated once, in _plan_optimizer
+    else:
+        optimizer.load_state_dict(plan.optimizer)
     if scheduler is not None and plan.scheduler is not None:
         scheduler.load_state_dict(plan.scheduler)
-    return LoadedCheckpoint(user, tuple(plan.missing), tuple(plan.extra))
+    for message in plan.warnings:
+        warnings.warn(message, stacklevel=2)
+    return LoadedCheckpoint(plan.user, tuple(plan.missing), tuple(plan.extra))
+
+
+def _plan(
+    path: str, optimizer: torch.optim.Optimizer, model: nn.Module | None, scheduler: Scheduler | None, strict: bool
+) -> _Plan:
+    """Read and validate the whole file against the live objects; change nothing."""
+    header, tensors = read_file(path)
+    _check_format(header)
+    plan = _Plan(strict)
+    used: set[str] = set()
+    plan.optimizer = _plan_optimizer(header, tensors, used, optimizer, plan)
+    if model is not None:
+        plan.model = _plan_model(header, tensors, used, model, plan)
+    elif "model" in header:  # not asked for: its tensors are neither loaded nor unexpected
+        unflatten(_loads(header, "model"), tensors, used, "model")
+    if scheduler is not None:
+        plan.scheduler = _plan_scheduler(header, tensors, used, scheduler, plan)
+    elif "scheduler" in header:
+        unflatten(_loads(header, "scheduler"), tensors, used, "scheduler")
+    plan.user = _loads(header, "user")
+    if not isinstance(plan.user, dict):
+        raise CheckpointError(f"user: the metadata is a JSON {type(plan.user).__name__}, expected an object")
+    for key in sorted(set(tensors) - used):
+        plan.unexpected(key, "a tensor that no header entry refers to")
+    return plan
 
 
 class _Plan:
@@ -143,8 +162,11 @@ class _Plan:
         self.missing: list[str] = []
         self.extra: list[str] = []
         self.optimizer: dict[str, Any] = {}
+        self.l2e: Any = None
         self.model: dict[str, Tensor] = {}
         self.scheduler: dict[str, Any] | None = None
+        self.user: dict[str, Any] = {}
+        self.warnings: list[str] = []
 
     def missing_key(self, key: str, why: str) -> None:
         if self.strict:
@@ -167,6 +189,7 @@ def _plan_optimizer(
             state[meta_key[len(_OPTIMIZER) + 1 :]] = unflatten(_loads(header, meta_key), tensors, used, meta_key)
     if isinstance(optimizer, L2EWrapper):
         _plan_l2e(state, optimizer, plan)
+        plan.l2e = state.pop(L2E_KEY)
         base = optimizer.base_optimizer
     else:
         if L2E_KEY in state:
@@ -193,13 +216,14 @@ def _plan_l2e(state: dict[str, Any], wrapper: L2EWrapper, plan: _Plan) -> None:
         for name in sorted(set(saved_sites) - set(live["sites"])):
             plan.unexpected(f"{prefix}.sites.{name}", "a site this model lacks")
             del saved_sites[name]
-    with warnings.catch_warnings():
-        # The wrapper's own load_state_dict warns about a differing config, once, when applied.
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        # A differing config is worth a warning only if the load goes ahead: kept for then.
+        warnings.simplefilter("always")
         try:
             validate_l2e_state(entry, wrapper.config, wrapper.sites)
         except CheckpointError as error:
             raise CheckpointError(f"{_OPTIMIZER}.{error}") from error
+    plan.warnings = [str(w.message) for w in caught]
 
 
 def _plan_model(
@@ -243,23 +267,29 @@ def _plan_scheduler(
         plan.missing_key("scheduler", "the file holds no scheduler state")
         return None
     saved = unflatten(_loads(header, "scheduler"), tensors, used, "scheduler")
-    _same_structure(saved, scheduler.state_dict(), "scheduler")
+    validate_scheduler_state(saved, scheduler)
     return saved  # type: ignore[no-any-return]
 
 
-def _same_structure(saved: Any, live: Any, path: str) -> None:
-    """Dict keys and list lengths agree (so e.g. SequentialLR's load cannot fail half-way)."""
-    if isinstance(live, Mapping):
-        if not isinstance(saved, Mapping) or set(saved) != set(live):
-            have = sorted(map(str, saved)) if isinstance(saved, Mapping) else type(saved).__name__
-            raise CheckpointError(f"{path}: keys {have}, expected {sorted(map(str, live))}")
-        for key in live:
-            _same_structure(saved[key], live[key], f"{path}.{key}")
-    elif isinstance(live, (list, tuple)):
-        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
-            raise CheckpointError(f"{path}: expected a list of {len(live)} entries")
-        for i, (a, b) in enumerate(zip(saved, live)):
-            _same_structure(a, b, f"{path}.{i}")
+def _user_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """JSON would turn ``{1: "a"}`` into ``{"1": "a"}`` without a word: refuse non-string keys."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"metadata: expected a dict, got {type(metadata).__name__}")
+    _string_keys(metadata, "metadata")
+    return dict(metadata)
+
+
+def _string_keys(tree: Any, path: str) -> None:
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{path}: keys must be strings (JSON object keys), got {key!r}; use str(key)")
+            _string_keys(value, f"{path}.{key}")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            _string_keys(value, f"{path}.{i}")
 
 
 def _loads(header: Mapping[str, str], key: str) -> Any:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
-from .selection import initial_threshold
+from .selection import THRESHOLD_BOUNDS, initial_threshold
 
 Inhibition = Literal["l2e", "memel", "none"]
 Retrieval = Literal["auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random"]
@@ -91,7 +91,12 @@ class L2EConfig:
         _check_nonnegative("memel_scale", self.memel_scale)
         _check_positive("threshold_lr", self.threshold_lr)
         if self.threshold_init is not None:
-            _check_positive("threshold_init", self.threshold_init)
+            low, high = THRESHOLD_BOUNDS
+            if not (isinstance(self.threshold_init, (int, float)) and low <= self.threshold_init <= high):
+                raise ConfigError(
+                    f"threshold_init={self.threshold_init!r} must lie in [{low:g}, {high:g}], the range the "
+                    "moving threshold is kept in; or None for the Gaussian quantile of ratio."
+                )
         if self.forget_steps is not None:
             _check_int_at_least("forget_steps", self.forget_steps, 1, "or None to never forget")
         _check_int_at_least("warmup_steps", self.warmup_steps, 0, "")
@@ -108,8 +113,12 @@ class L2EConfig:
 
     @property
     def starting_threshold(self) -> float:
-        """``threshold_init``, or the chi-square(1) upper ``ratio``-quantile when it is None."""
-        return self.threshold_init if self.threshold_init is not None else initial_threshold(self.ratio)
+        """``threshold_init``, or the chi-square(1) upper ``ratio``-quantile (within the threshold's
+        bounds) when it is None."""
+        if self.threshold_init is not None:
+            return float(self.threshold_init)
+        low, high = THRESHOLD_BOUNDS
+        return min(max(initial_threshold(self.ratio), low), high)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (for checkpoints and logs)."""

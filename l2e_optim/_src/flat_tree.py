@@ -22,6 +22,9 @@ TUPLE = "__tuple__"
 ITEMS = "__items__"
 _TAGS = (TENSOR, TUPLE, ITEMS)
 _SCALARS = (type(None), bool, int, float, str)
+#: Deeper skeletons are refused: no state dict nests this deep, and Python's recursion limit
+#: would turn a file nested hundreds deep into a RecursionError.
+MAX_DEPTH = 32
 
 
 def flatten(tree: Any, path: str, tensors: dict[str, Tensor]) -> Any:
@@ -61,37 +64,41 @@ def flatten(tree: Any, path: str, tensors: dict[str, Tensor]) -> Any:
     )
 
 
-def unflatten(skeleton: Any, tensors: Mapping[str, Tensor], used: set[str], path: str) -> Any:
+def unflatten(skeleton: Any, tensors: Mapping[str, Tensor], used: set[str], path: str, depth: int = 0) -> Any:
     """Inverse of :func:`flatten`; records every tensor key it takes in ``used``."""
     if isinstance(skeleton, _SCALARS):
         return skeleton
+    if depth >= MAX_DEPTH:
+        raise CheckpointError(f"{path}: nested more than {MAX_DEPTH} levels deep")
     if isinstance(skeleton, list):
-        return [unflatten(v, tensors, used, f"{path}.{i}") for i, v in enumerate(skeleton)]
+        return [unflatten(v, tensors, used, f"{path}.{i}", depth + 1) for i, v in enumerate(skeleton)]
     if not isinstance(skeleton, dict):
         raise CheckpointError(f"{path}: unexpected JSON value of type {type(skeleton).__name__}")
     if len(skeleton) == 1 and next(iter(skeleton)) in _TAGS:
         (tag, value), = skeleton.items()
-        return _untag(tag, value, tensors, used, path)
-    return {k: unflatten(v, tensors, used, f"{path}.{k}") for k, v in skeleton.items()}
+        return _untag(tag, value, tensors, used, path, depth)
+    return {k: unflatten(v, tensors, used, f"{path}.{k}", depth + 1) for k, v in skeleton.items()}
 
 
-def _untag(tag: str, value: Any, tensors: Mapping[str, Tensor], used: set[str], path: str) -> Any:
+def _untag(tag: str, value: Any, tensors: Mapping[str, Tensor], used: set[str], path: str, depth: int) -> Any:
     if tag == TENSOR:
         if not isinstance(value, str):
             raise CheckpointError(f"{path}: malformed tensor reference {value!r}")
         if value not in tensors:
             raise CheckpointError(f"{value}: missing (the header refers to it, the file lacks it)")
+        if value in used:  # two entries sharing one tensor (exp_avg as exp_avg_sq) would alias
+            raise CheckpointError(f"{value}: referred to twice in the header")
         used.add(value)
         return tensors[value]
     if not isinstance(value, list):
         raise CheckpointError(f"{path}: malformed {tag} entry")
     if tag == TUPLE:
-        return tuple(unflatten(v, tensors, used, f"{path}.{i}") for i, v in enumerate(value))
+        return tuple(unflatten(v, tensors, used, f"{path}.{i}", depth + 1) for i, v in enumerate(value))
     out: dict[Any, Any] = {}
     for pair in value:
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], _SCALARS)):
             raise CheckpointError(f"{path}: malformed dict item {pair!r}")
-        out[pair[0]] = unflatten(pair[1], tensors, used, f"{path}.{pair[0]}")
+        out[pair[0]] = unflatten(pair[1], tensors, used, f"{path}.{pair[0]}", depth + 1)
     return out
 
 

@@ -14,19 +14,27 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, L2EConfig
+from .selection import THRESHOLD_BOUNDS
 from .site import SiteState
+from .statistics import MEAN_LIMIT, VAR_LIMIT
 
 L2E_KEY = "l2e"
 FORMAT_VERSION = 1
 
-#: Per-site tensors that are checkpointed, with their dtype and whether they must be >= 0.
-SITE_TENSORS: dict[str, tuple[torch.dtype, bool]] = {
-    "mean": (torch.float32, False),
-    "var": (torch.float32, True),
-    "threshold": (torch.float32, True),
-    "count": (torch.int64, True),
-    "selected_fraction": (torch.float32, True),
-    "nonfinite": (torch.int64, True),
+#: Counters (tokens, steps, skipped micro-batches) beyond this are absurd (9e15: a thousand
+#: times the largest pretraining runs) and near int64's end they would wrap negative.
+COUNT_LIMIT = 2**53
+
+#: Per-site tensors that are checkpointed: their dtype and the closed range of their values.
+#: The ranges are what the library itself can produce (statistics.py saturates mean and var, the
+#: threshold is clamped to THRESHOLD_BOUNDS), so every file it saves loads again.
+SITE_TENSORS: dict[str, tuple[torch.dtype, tuple[float, float]]] = {
+    "mean": (torch.float32, (-MEAN_LIMIT, MEAN_LIMIT)),
+    "var": (torch.float32, (0.0, VAR_LIMIT)),
+    "threshold": (torch.float32, THRESHOLD_BOUNDS),
+    "count": (torch.int64, (0, COUNT_LIMIT)),
+    "selected_fraction": (torch.float32, (0.0, 1.0)),
+    "nonfinite": (torch.int64, (0, COUNT_LIMIT)),
 }
 
 
@@ -53,7 +61,7 @@ def validate_l2e_state(entry: Any, config: L2EConfig, sites: Mapping[str, SiteSt
         raise CheckpointError(
             f"{L2E_KEY}.format_version: {version!r} is not the supported version {FORMAT_VERSION}"
         )
-    _check_tensor(f"{L2E_KEY}.step", entry.get("step"), (), torch.int64, nonnegative=True)
+    _check_tensor(f"{L2E_KEY}.step", entry.get("step"), (), torch.int64, (0, COUNT_LIMIT))
     saved_config = entry.get("config")
     try:
         saved = L2EConfig.from_dict(saved_config) if isinstance(saved_config, Mapping) else None
@@ -88,75 +96,14 @@ def validate_site(prefix: str, saved: Any, neurons: int) -> None:
     extra = sorted(set(saved) - set(SITE_TENSORS))
     if extra:
         raise CheckpointError(f"{prefix}.{extra[0]}: unexpected key")
-    for key, (dtype, nonnegative) in SITE_TENSORS.items():
+    for key, (dtype, bounds) in SITE_TENSORS.items():
         shape = (neurons,) if key in ("mean", "var") else ()
-        _check_tensor(f"{prefix}.{key}", saved.get(key), shape, dtype, nonnegative)
+        _check_tensor(f"{prefix}.{key}", saved.get(key), shape, dtype, bounds)
 
 
-def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer, prefix: str = "") -> None:
-    """Check a base optimizer state dict against ``optimizer`` before it is loaded.
-
-    ``Optimizer.load_state_dict`` checks group sizes only and accepts state of any shape (the
-    next ``step()`` fails, or worse, broadcasts); this checks the groups and, for each state
-    entry of a saved parameter, its tensors' finiteness and shape. Entries not keyed by a
-    parameter pass through unchecked, as torch keeps them.
-    """
-    groups = state_dict.get("param_groups")
-    state = state_dict.get("state")
-    if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
-        raise CheckpointError(f"{prefix}param_groups: missing or not a list of dicts")
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{prefix}state: missing or not a dict")
-    live = optimizer.param_groups
-    if len(groups) != len(live):
-        raise CheckpointError(f"{prefix}param_groups: {len(groups)} groups saved, the optimizer has {len(live)}")
-    params: dict[Any, Tensor] = {}
-    for index, (saved, group) in enumerate(zip(groups, live)):
-        ids = saved.get("params")
-        if not isinstance(ids, list) or len(ids) != len(group["params"]):
-            count = len(ids) if isinstance(ids, list) else ids
-            raise CheckpointError(
-                f"{prefix}param_groups.{index}.params: {count} parameters saved, the optimizer's "
-                f"group has {len(group['params'])}; was it saved from another model?"
-            )
-        params.update(zip(ids, group["params"]))
-    elementwise = isinstance(optimizer, _ELEMENTWISE)
-    for pid, entry in state.items():
-        if pid not in params:
-            # Optimizer.load_state_dict keeps state not keyed by a parameter as it is (state-dict
-            # hooks and subclasses keep their own entries there): so does the wrapper.
-            continue
-        if not isinstance(entry, Mapping):
-            raise CheckpointError(f"{prefix}state.{pid}: expected a dict, got {type(entry).__name__}")
-        live_state = optimizer.state.get(params[pid])
-        _check_param_state(f"{prefix}state.{pid}", entry, params[pid], live_state, elementwise)
-
-
-# torch.optim classes whose per-parameter state tensors are all 0-dim or shaped like the parameter.
-_ELEMENTWISE = tuple(
-    getattr(torch.optim, name)
-    for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
-)
-
-
-def _check_param_state(prefix: str, entry: Mapping[str, Any], param: Tensor, live: Any, elementwise: bool) -> None:
-    for key, value in entry.items():
-        if not isinstance(value, Tensor):
-            continue
-        name = f"{prefix}.{key}"
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{name}: contains NaN or inf")
-        # The live state, where the optimizer has stepped, is the best witness of the shape.
-        known = live.get(key) if isinstance(live, Mapping) else None
-        if isinstance(known, Tensor):
-            expected: tuple[int, ...] | None = tuple(known.shape)
-        else:
-            expected = tuple(param.shape) if elementwise and value.dim() > 0 else None
-        if expected is not None and tuple(value.shape) != expected:
-            raise CheckpointError(f"{name}: shape {tuple(value.shape)}, expected {expected}")
-
-
-def _check_tensor(key: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, nonnegative: bool) -> None:
+def _check_tensor(
+    key: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, bounds: tuple[float, float]
+) -> None:
     if value is None:
         raise CheckpointError(f"{key}: missing")
     if not isinstance(value, Tensor):
@@ -168,8 +115,11 @@ def _check_tensor(key: str, value: Any, shape: tuple[int, ...], dtype: torch.dty
     # Load-time validation: host syncs here are deliberate (never on the training path).
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise CheckpointError(f"{key}: contains NaN or inf")
-    if nonnegative and bool((value < 0).any()):
-        raise CheckpointError(f"{key}: contains negative values")
+    low, high = bounds
+    if bool((value < low).any()):
+        raise CheckpointError(f"{key}: contains negative values" if low == 0 else f"{key}: values below {low:g}")
+    if bool((value > high).any()):
+        raise CheckpointError(f"{key}: values above {high:g}, beyond anything training produces")
 
 
 def load_l2e_state(entry: Mapping[str, Any], step: Tensor, sites: Mapping[str, SiteState]) -> None:

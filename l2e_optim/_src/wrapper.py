@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .amp_forwarding import AmpForwarding
+from .base_state import validate_base_state
 from .base_step import requires_closure, step_without_global_hooks
 from .commit import commit_site
 from .config import L2EConfig
@@ -24,7 +25,7 @@ from .distributed import PendingReduce, start_all_reduce
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
 from .ownership import check_arguments, claim_sites, release_sites
 from .site import SiteRuntime, SiteState, make_hook
-from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_base_state, validate_l2e_state
+from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_l2e_state
 
 Tap = Literal["input", "output"]
 
@@ -254,26 +255,41 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain base optimizer's, with a warning).
 
-        The L2E entry and the base part (groups, parameter counts, state shapes, finiteness) are
-        validated in full before anything changes; on error (:class:`CheckpointError`) the
-        wrapper and the base optimizer are left as they were.
+        Everything is validated before anything changes: the L2E entry (sites, shapes, dtypes,
+        values in range) and the base part (groups, hyperparameters finite and of this
+        optimizer's kind, state dtypes, signs, shapes, finiteness; then a trial load into a
+        scratch copy of the base optimizer). On error (:class:`CheckpointError`) the wrapper
+        and the base optimizer are left exactly as they were.
         """
+        base_state, l2e = self._validate_load(self._run_load_pre_hooks(state_dict))
+        self._load_validated(base_state, l2e)
+
+    def _run_load_pre_hooks(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
-        l2e = state_dict.pop(L2E_KEY, None)
-        validate_base_state(state_dict, self._base)
+        return state_dict
+
+    def _validate_load(self, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The base part and the L2E entry (None if absent) of ``state_dict``, validated once."""
+        base_state = dict(state_dict)
+        l2e = base_state.pop(L2E_KEY, None)
+        validate_base_state(base_state, self._base)
         if l2e is not None:
             validate_l2e_state(l2e, self.config, self._sites)
-        else:
+        return base_state, l2e
+
+    def _load_validated(self, base_state: dict[str, Any], l2e: Any) -> None:
+        """Apply what :meth:`_validate_load` passed (also load_checkpoint's path): no checks again."""
+        if l2e is None:
             warnings.warn(
                 "state dict has no 'l2e' entry (a plain optimizer's?): loading the base state "
                 "and starting L2E statistics afresh.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        self._base.load_state_dict(state_dict)
+        self._base.load_state_dict(base_state)
         with torch.no_grad():
             if l2e is not None:
                 load_l2e_state(l2e, self._step_count, self._sites)

@@ -1,0 +1,201 @@
+"""Validate, then load, for real: every file that the model, optimizer or scheduler would refuse,
+half-load or be ruined by is refused with CheckpointError, and nothing changes (issue 15, items 2
+and 4). Uses test_checkpoint's real tiny GPT-NeoX runs and files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from conftest import tiny_gpt_neox
+from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
+from test_checkpoint import (  # noqa: F401  (good is a fixture)
+    CASES,
+    STAT,
+    Run,
+    _clone,
+    assert_same,
+    build,
+    data,
+    good,
+    rewrite,
+    snapshot,
+    train,
+)
+
+Edit = Callable[[dict[str, Tensor], dict[str, str]], None]
+
+
+def _meta(key: str, change: Callable[[Any], Any]) -> Edit:
+    def edit(tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        meta[key] = json.dumps(change(json.loads(meta[key])))
+
+    return edit
+
+
+def _group(field: str, value: Any) -> Edit:
+    def change(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        groups[0][field] = value
+        return groups
+
+    return _meta("optimizer.param_groups", change)
+
+
+def _tensor(key: str, change: Callable[[Tensor], Tensor]) -> Edit:
+    def edit(tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        tensors[key] = change(tensors[key].clone())
+
+    return edit
+
+
+def _nested(depth: int) -> Edit:
+    def edit(tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        meta["optimizer.extra"] = "[" * depth + "]" * depth
+
+    return edit
+
+
+def _scheduler(field: str, value: Any) -> Edit:
+    def change(state: dict[str, Any]) -> dict[str, Any]:
+        state[field] = value
+        return state
+
+    return _meta("scheduler", change)
+
+
+NAN, INF = float("nan"), float("inf")
+EXP_AVG_SQ = "optimizer.state.0.exp_avg_sq"
+CASES_2_AND_4: list[tuple[str, Edit, str]] = [
+    # 2. escaped as TypeError / ValueError / KeyError / NotImplementedError / RecursionError
+    ("user-list", lambda t, m: m.update({"user": "[1, 2]"}), "user: the metadata is a JSON list"),
+    ("user-number", lambda t, m: m.update({"user": "5"}), "user: the metadata is a JSON int"),
+    ("user-null", lambda t, m: m.update({"user": "null"}), "user: the metadata is a JSON NoneType"),
+    ("lr-lambdas", _scheduler("lr_lambdas", [5]), "scheduler.lr_lambdas.0: a number"),
+    ("float8-state", _tensor("optimizer.state.0.exp_avg", lambda v: v.to(torch.float8_e4m3fn)), "exp_avg: dtype torch.float8"),
+    ("param-ids-as-lists", _meta("optimizer.param_groups", lambda g: [dict(x, params=[[i] for i in x["params"]]) for x in g]), "parameter ids must be integers"),
+    ("nested-600", _nested(600), "nested more than"),
+    # 4. passed validation and ruined training
+    ("lr-nan", _group("lr", NAN), "param_groups.0.lr: nan is not finite"),
+    ("weight-decay-inf", _group("weight_decay", INF), "param_groups.0.weight_decay: inf is not finite"),
+    ("betas-nan", _group("betas", {"__tuple__": [NAN, 0.999]}), "param_groups.0.betas: nan"),
+    ("betas-one", _group("betas", {"__tuple__": [0.9, 1.5]}), "param_groups.0.betas: 1.5 is not in [0, 1)"),
+    ("lr-negative", _group("lr", -1.0), "param_groups.0.lr: -1.0 is negative"),
+    ("base-lrs-nan", _scheduler("base_lrs", [NAN]), "scheduler.base_lrs.0: nan"),
+    ("exp-avg-sq-negative", _tensor(EXP_AVG_SQ, lambda v: -v - 1), "exp_avg_sq: contains negative"),
+    ("dtype-relabelled", _tensor("optimizer.state.0.exp_avg", lambda v: v.view(torch.int32)), "exp_avg: dtype torch.int32"),
+    ("l2e-mean-1e30", _tensor(f"{STAT}.mean", lambda v: v.fill_(1e30)), f"{STAT}.mean: values above"),
+    ("threshold-0", _tensor(f"{STAT}.threshold", lambda v: v.zero_()), f"{STAT}.threshold: values below"),
+    ("count-near-int64-max", _tensor(f"{STAT}.count", lambda v: v.fill_(2**63 - 10)), f"{STAT}.count: values above"),
+    ("selected-fraction-2", _tensor(f"{STAT}.selected_fraction", lambda v: v.fill_(2.0)), "selected_fraction: values above"),
+    ("step-near-int64-max", _tensor("optimizer.l2e.step", lambda v: v.fill_(2**63 - 1)), "optimizer.l2e.step: values above"),
+    ("twice-referred", _meta("optimizer.state", lambda s: _alias(s)), "referred to twice"),
+]
+
+
+def _alias(skeleton: dict[str, Any]) -> dict[str, Any]:
+    """Point exp_avg_sq at exp_avg's tensor (the two would share storage)."""
+    entry = skeleton["__items__"][0][1]
+    entry["exp_avg_sq"] = entry["exp_avg"]
+    return skeleton
+
+
+@pytest.mark.parametrize("edit, expected", [c[1:] for c in CASES_2_AND_4], ids=[c[0] for c in CASES_2_AND_4])
+def test_refused_with_everything_unchanged(
+    good: tuple[pathlib.Path, Run], edit: Edit, expected: str, tmp_path: pathlib.Path
+) -> None:
+    path, target = good
+    bad = tmp_path / "bad.safetensors"
+    rewrite(edit)(path, bad)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(bad, target.opt, model=target.model, scheduler=target.sched)
+    assert str(error.value).startswith(f"{bad}: ") and expected in str(error.value), str(error.value)
+    assert_same(snapshot(target), before)
+
+
+def _plateau_run(seed: int) -> Run:
+    run = build(CASES[0], seed=seed)
+    return Run(run.model, run.opt, torch.optim.lr_scheduler.ReduceLROnPlateau(run.opt))  # type: ignore[arg-type]
+
+
+def test_a_scheduler_state_the_scheduler_rejects(tmp_path: pathlib.Path) -> None:
+    source = _plateau_run(0)
+    path, bad = tmp_path / "p.safetensors", tmp_path / "bad.safetensors"
+    save_checkpoint(path, source.opt, model=source.model, scheduler=source.sched)
+    rewrite(_scheduler("mode", "bogus"))(path, bad)
+    target = _plateau_run(1)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="ReduceLROnPlateau refuses this state"):
+        load_checkpoint(bad, target.opt, model=target.model, scheduler=target.sched)
+    assert_same(snapshot(target), before)
+
+
+def _sgd_run(seed: int) -> Run:
+    model = tiny_gpt_neox(seed=seed)
+    opt = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, config=L2EConfig(warmup_steps=2))
+    return Run(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0))
+
+
+def test_another_optimizers_file_or_state_dict_is_refused(good: tuple[pathlib.Path, Run], tmp_path: pathlib.Path) -> None:
+    """An SGD wrapper's file into an AdamW wrapper (KeyError 'step' half-way), and the reverse."""
+    sgd = _sgd_run(0)
+    train(sgd, data(2))
+    path = tmp_path / "sgd.safetensors"
+    save_checkpoint(path, sgd.opt, model=sgd.model, scheduler=sgd.sched)
+    _, adamw = good
+    before = snapshot(adamw)
+    with pytest.raises(CheckpointError, match="lacks \\['amsgrad', 'betas', 'eps'\\].*another optimizer"):
+        load_checkpoint(path, adamw.opt, model=adamw.model, scheduler=adamw.sched)
+    with pytest.raises(CheckpointError, match="another optimizer"):
+        adamw.opt.load_state_dict(_clone(sgd.opt.state_dict()))
+    assert_same(snapshot(adamw), before)
+    sgd_before = snapshot(sgd)
+    with pytest.raises(CheckpointError, match="another optimizer"):
+        sgd.opt.load_state_dict(_clone(adamw.opt.state_dict()))
+    assert_same(snapshot(sgd), sgd_before)
+
+
+def test_a_state_entry_lacking_a_key_the_optimizer_needs_is_refused(good: tuple[pathlib.Path, Run]) -> None:
+    _, target = good
+    state = _clone(target.opt.state_dict())
+    del state["state"][0]["exp_avg"]
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="state.0: lacks \\['exp_avg'\\]"):
+        target.opt.load_state_dict(state)
+    assert_same(snapshot(target), before)
+
+
+@pytest.mark.parametrize("metadata", [{1: "a"}, {"nested": {2: "b"}}])
+def test_user_metadata_with_non_string_keys_is_refused_at_save(metadata: dict[Any, Any], tmp_path: pathlib.Path) -> None:
+    run = build(CASES[0], seed=0)
+    with pytest.raises(CheckpointError, match="keys must be strings"):
+        save_checkpoint(tmp_path / "c.safetensors", run.opt, metadata=metadata)
+    assert not list(tmp_path.iterdir())
+
+
+def test_threshold_init_outside_the_kept_range_is_a_config_error() -> None:
+    from l2e_optim import ConfigError
+
+    with pytest.raises(ConfigError, match="threshold_init"):
+        L2EConfig(threshold_init=1e9)
+    assert L2EConfig(ratio=0.9999).starting_threshold >= 1e-4  # the Gaussian quantile, clamped
+
+
+def test_validation_runs_once_per_load(good: tuple[pathlib.Path, Run], monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_checkpoint validated the optimizer's state twice (its own plan, then load_state_dict)."""
+    from l2e_optim._src import checkpoint, wrapper
+
+    path, target = good
+    calls: list[str] = []
+    for module in (checkpoint, wrapper):
+        for name in ("validate_base_state", "validate_l2e_state"):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    load_checkpoint(path, target.opt, model=target.model, scheduler=target.sched)
+    assert sorted(calls) == ["validate_base_state", "validate_l2e_state"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from conftest import tiny_gpt_neox
 from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
+from l2e_optim._lab.zoo import tiny_gpt_neox
 from test_checkpoint import (  # noqa: F401  (good is a fixture)
     CASES,
     STAT,

@@ -132,7 +132,8 @@ def markdown(summary: dict[str, Any]) -> str:
                   "| **L2E - random** |", "|---|---|---|---|---|---|---|---|"]
         for s in c["sizes"]:
             a = s["arms"]
-            lines.append(f"| {s['width']} x {s['layers']} | {s['non_embedding_params'] or '-':,} | "
+            params = "-" if s["non_embedding_params"] is None else f"{s['non_embedding_params']:,}"
+            lines.append(f"| {s['width']} x {s['layers']} | {params} | "
                          f"{len(s['complete_seeds'])} | {_num(a['adamw']['val_loss'], 4)} | "
                          + " | ".join(_pm(a[x]["d_loss_vs_adamw"]) for x in LOSS_ARMS)
                          + f" | **{_pm(s['monosemantic_specific'])}** |")

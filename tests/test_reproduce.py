@@ -78,3 +78,66 @@ def test_threshold(results: dict[str, dict[str, Any]]) -> None:
     for trace in r["trace"].values():
         assert len(trace["tau"]) == len(trace["quantile"]) == len(trace["fraction"]) > 0
         assert all(q > 0 for q in trace["quantile"])
+
+
+# -- the scaling study -------------------------------------------------------------------------
+def test_scaling_quick_names_all_four_arms(tmp_path: pathlib.Path) -> None:
+    reproduce.main(["scaling", "--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "scaling.json").read_text())
+    assert summary["arms"] == ["adamw", "l2e", "random", "memel"]
+    assert summary["runs_finished"] == summary["runs_planned"] > 0 and summary["missing"] == []
+    assert set(summary["corpora"]) == {"english", "code"}
+    for corpus in summary["corpora"].values():
+        sizes = corpus["sizes"]
+        assert [s["non_embedding_params"] for s in sizes] == sorted({s["non_embedding_params"] for s in sizes})
+        assert len({s["tokens"] for s in sizes}) == 1, "every size sees the same tokens"
+        for size in sizes:
+            assert len(size["complete_seeds"]) >= 2
+            _finite(size["monosemantic_specific"]["mean"], size["monosemantic_specific"]["std"])
+            for arm, v in size["arms"].items():
+                _finite(v["val_loss"]["mean"], v["d_loss_vs_adamw"]["mean"], v["feature_specific_ms"]["mean"],
+                        v["ks"]["mean"], v["fkr_2pct"]["mean"])
+                shares = v["position_shares"]
+                assert (shares is None) == (arm == "adamw")
+                assert shares is None or abs(sum(shares) - 1.0) < 1e-9
+            assert size["arms"]["adamw"]["d_loss_vs_adamw"]["mean"] == 0.0
+    assert (tmp_path / "scaling.png").stat().st_size > 1000
+    assert "L2E - random" in (tmp_path / "scaling.md").read_text()
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_scaling_run_resumes_bit_for_bit_and_skips_finished(tmp_path: pathlib.Path) -> None:
+    import dataclasses
+
+    import torch
+
+    from benchmarks import scaling
+    from benchmarks._scaling_run import Job, run_job
+    from l2e_optim._lab.prose import load_named
+
+    plan = dataclasses.replace(scaling.QUICK, steps=5, checkpoint_every=100)
+    corpus = load_named("english", max_bytes=plan.corpus_bytes)
+    job = Job("english", 32, 1, 0, "random")  # draws from the global RNG: the checkpoint must restore it
+    whole = run_job(job, plan, corpus, tmp_path / "whole", log=lambda _: None)
+    assert run_job(job, plan, corpus, tmp_path / "cut", log=lambda _: None, stop_after=2) is None
+    ckpt = tmp_path / "cut" / "checkpoints" / f"{job.name}.safetensors"
+    assert ckpt.exists() and not (tmp_path / "cut" / "runs" / f"{job.name}.json").exists()
+    torch.manual_seed(12345)  # another process history before the resume
+    resumed = run_job(job, plan, corpus, tmp_path / "cut", log=lambda _: None)
+    assert whole is not None and resumed is not None and resumed["resumed_from"] == [2]
+    assert resumed["val_loss"] == whole["val_loss"] and resumed["position_shares"] == whole["position_shares"]
+    assert resumed["train_loss_every_50"] == whole["train_loss_every_50"]
+    assert not ckpt.exists(), "a finished run drops its checkpoint"
+    (tmp_path / "cut" / "runs" / f"{job.name}.json").write_text(json.dumps({"val_loss": -1.0}))
+    assert run_job(job, plan, corpus, tmp_path / "cut", log=lambda _: None) == {"val_loss": -1.0}  # skipped
+
+
+def test_scaling_eta_scales_unmeasured_sizes() -> None:
+    from benchmarks import scaling
+    from benchmarks._scaling_run import Job
+
+    remaining = [Job("code", 32, 2, 0, "l2e"), Job("code", 256, 4, 0, "l2e")]
+    eta = scaling.eta_seconds(remaining, {(32, 2): [10.0, 30.0]}, workers=2)
+    big = 20.0 * scaling.step_cost(256, 4) / scaling.step_cost(32, 2)
+    assert eta == pytest.approx((20.0 + big) / 2)
+    assert scaling.eta_seconds([], {(32, 2): [1.0]}, workers=2) == 0.0

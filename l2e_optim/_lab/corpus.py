@@ -9,6 +9,7 @@ identifier, operator, whitespace/other), the labelled feature set the False Kill
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -104,6 +105,12 @@ def take_documents(docs: Iterable[tuple[str, bytes]], max_bytes: int) -> list[tu
 
 
 def stdlib_files() -> list[Path]:
+    """The standard library's Python files in the corpus order (a fixed seeded shuffle)."""
+    return list(_stdlib_files())
+
+
+@functools.cache  # walking the library takes seconds; the corpora ask for it more than once
+def _stdlib_files() -> tuple[Path, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
         p
@@ -113,7 +120,7 @@ def stdlib_files() -> list[Path]:
     ]
     # A seeded shuffle spreads a small byte budget over the whole library, not just "a*".
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()  # sync-ok: CPU file order
-    return [files[i] for i in order]
+    return tuple(files[i] for i in order)
 
 
 def _user_files(paths: Sequence[str | Path]) -> list[Path]:

@@ -188,6 +188,8 @@ def _plan_optimizer(
         if meta_key.startswith(f"{_OPTIMIZER}."):
             state[meta_key[len(_OPTIMIZER) + 1 :]] = unflatten(_loads(header, meta_key), tensors, used, meta_key)
     if isinstance(optimizer, L2EWrapper):
+        for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+            state = dict(pre_hook(optimizer, state) or state)
         _plan_l2e(state, optimizer, plan)
         plan.l2e = state.pop(L2E_KEY)
         base = optimizer.base_optimizer

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import L2EConfig
 
@@ -71,3 +72,10 @@ def release_sites(owner: Any) -> None:
     """Forget ``owner`` (its hooks were removed)."""
     for owners in list(_HOOKED.values()):
         owners.discard(owner)
+
+
+def remove_handles(handles: list[RemovableHandle]) -> None:
+    """Remove the hooks (also the wrapper's finalizer, which must not hold the wrapper)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()

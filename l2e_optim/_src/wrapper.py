@@ -23,7 +23,7 @@ from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
-from .ownership import check_arguments, claim_sites, release_sites
+from .ownership import check_arguments, claim_sites, release_sites, remove_handles
 from .site import SiteRuntime, SiteState, make_hook
 from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_l2e_state
 
@@ -89,7 +89,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         claim_sites(self, {name: modules[name] for name in self._sites})
         # A dropped wrapper leaves nothing on the model: the hooks hold it weakly and its
         # finalizer removes them (the finalizer holds the handles, never the wrapper).
-        weakref.finalize(self, _remove_handles, self._handles)
+        weakref.finalize(self, remove_handles, self._handles)
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
     @property
@@ -226,7 +226,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach every hook from the model (idempotent). The state stays readable."""
-        _remove_handles(self._handles)
+        remove_handles(self._handles)
         release_sites(self)
 
     def metrics(self) -> dict[str, float]:
@@ -255,22 +255,14 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain base optimizer's, with a warning).
 
-        Everything is validated before anything changes: the L2E entry (sites, shapes, dtypes,
-        values in range) and the base part (groups, hyperparameters finite and of this
-        optimizer's kind, state dtypes, signs, shapes, finiteness; then a trial load into a
-        scratch copy of the base optimizer). On error (:class:`CheckpointError`) the wrapper
-        and the base optimizer are left exactly as they were.
+        Validated in full before anything changes (docs/checkpointing.md lists the checks, the
+        last a trial load into a scratch copy of the base optimizer); on error
+        (:class:`CheckpointError`) the wrapper and the base optimizer are left as they were.
         """
-        base_state, l2e = self._validate_load(self._run_load_pre_hooks(state_dict))
-        self._load_validated(base_state, l2e)
-
-    def _run_load_pre_hooks(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = dict(result)
-        return state_dict
+            state_dict = dict(pre_hook(self, state_dict) or state_dict)
+        self._load_validated(*self._validate_load(state_dict))
 
     def _validate_load(self, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         """The base part and the L2E entry (None if absent) of ``state_dict``, validated once."""
@@ -282,13 +274,10 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         return base_state, l2e
 
     def _load_validated(self, base_state: dict[str, Any], l2e: Any) -> None:
-        """Apply what :meth:`_validate_load` passed (also load_checkpoint's path): no checks again."""
+        """Apply what :meth:`_validate_load` passed (load_checkpoint's path too): no checks again."""
         if l2e is None:
-            warnings.warn(
-                "state dict has no 'l2e' entry (a plain optimizer's?): loading the base state "
-                "and starting L2E statistics afresh.",
-                stacklevel=3,
-            )
+            warnings.warn("state dict has no 'l2e' entry (a plain optimizer's?): loading the base "
+                          "state and starting L2E statistics afresh.", stacklevel=3)
         self._base.load_state_dict(base_state)
         with torch.no_grad():
             if l2e is not None:
@@ -355,9 +344,3 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
             f"L2EWrapper(inhibition={self.config.inhibition!r}, ratio={self.config.ratio}, "
             f"strength={self.config.strength}, sites=[{sites}],\n  base=\n{base}\n)"
         )
-
-
-def _remove_handles(handles: list[RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()

@@ -32,6 +32,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     groups: int = 1
     inhibition: str = "l2e"
+    statistics: str = "pooled"
 
 
 CASES = [
@@ -40,6 +41,9 @@ CASES = [
     Case("two-groups", groups=2),
     Case("memel", inhibition="memel"),
     Case("none", inhibition="none"),
+    # 24-token windows, 16 positions of their own: the tail row is exercised too.
+    Case("per-position", statistics="per-position"),
+    Case("memel-per-position", inhibition="memel", statistics="per-position"),
 ]
 
 
@@ -60,7 +64,8 @@ def build(case: Case, seed: int, hidden: int = 32, **config: Any) -> Run:
         )
     else:
         base = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    settings: dict[str, Any] = {"inhibition": case.inhibition, "warmup_steps": WARMUP, "strength": 0.1}
+    settings: dict[str, Any] = {"inhibition": case.inhibition, "warmup_steps": WARMUP, "strength": 0.1,
+                                "statistics": case.statistics, "max_positions": 16}
     opt = L2EWrapper(base, model, config=L2EConfig(**(settings | config)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / 3))
     return Run(model, opt, sched)
@@ -160,7 +165,7 @@ def test_resume_through_safetensors_is_bit_exact(case: Case, tmp_path: pathlib.P
         assert file.get_tensor(f"optimizer.l2e.sites.{name}.count").dtype == torch.int64
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[6]], ids=lambda c: c.name)
 def test_resume_through_torch_save_weights_only_is_bit_exact(case: Case) -> None:
     def save(run: Run) -> bytes:
         buffer = io.BytesIO()

@@ -32,6 +32,9 @@ from l2e_optim import ConfigError, L2EConfig
         ("threshold_lr", 0.0, "threshold_lr=0.0 must be a finite number > 0"),
         ("threshold_init", -3.0, "threshold_init=-3.0"),
         ("retrieval", "lottery", "retrieval='lottery' is not one of"),
+        ("statistics", "per-token", r"statistics='per-token' is not one of \('pooled', 'per-position'\)"),
+        ("max_positions", 0, r"max_positions=0 must be an integer >= 1 \(set it to the context length\)"),
+        ("max_positions", 16.0, "max_positions=16.0 must be an integer"),
         ("retrieval", "sample_topk", r"retrieval='sample_topk' is not one of \('auto', 'threshold', 'sample-topk'"),
     ],
 )
@@ -51,6 +54,8 @@ def test_defaults_are_the_papers() -> None:
     assert L2EConfig(retrieval="sample-topk").resolved_retrieval == "sample-topk"
     assert L2EConfig(inhibition="memel", retrieval="threshold").resolved_retrieval == "threshold"
     assert L2EConfig(retrieval="random").resolved_retrieval == "random"
+    assert (config.statistics, config.statistic_rows) == ("pooled", None)
+    assert L2EConfig(statistics="per-position", max_positions=64).statistic_rows == 65
 
 
 def test_frozen_and_keyword_only() -> None:

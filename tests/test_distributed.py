@@ -37,6 +37,8 @@ DDP_STEPS, FSDP_STEPS, RESUME_STEPS, ACCUM_STEPS = 10, 5, 3, 4
 # warmup 2 and a visible strength: the L2E gradient is live for most of the steps compared.
 CONFIG = L2EConfig(strength=0.05, warmup_steps=2, ratio=0.05)
 ACCUM_CONFIG = dataclasses.replace(CONFIG, grad_accumulation_steps=2)
+PER_POSITION_CONFIG = dataclasses.replace(CONFIG, statistics="per-position", max_positions=8)
+PER_POSITION_STEPS = 4
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -223,6 +225,17 @@ def ddp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
         "l2e": l2e_state(opt, strip="module."),
         "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
         "allreduce_calls": len(counter.sizes),
+    }
+    # Per-position statistics (and the tail row: SEQ - 1 = 16 positions, 8 rows of their own)
+    # still go through the one all-reduce of the step.
+    model = DDP(OddLM())
+    opt = make_opt(model, PER_POSITION_CONFIG)
+    with AllReduceCounter() as counter:
+        train(model, opt, odd_loss, data[:PER_POSITION_STEPS], rank, WORLD)
+    result["per_position"] = {
+        "l2e": l2e_state(opt, strip="module."),
+        "allreduce_sizes": torch.tensor(counter.sizes, dtype=torch.int64),
+        "accumulator_numel": accumulator_numel(opt),
     }
     # process_group= selects the group: singleton groups leave each rank's statistics local.
     singles, _ = dist.new_subgroups(1)
@@ -448,6 +461,16 @@ def test_ddp_gradient_accumulation_under_no_sync(ddp_ranks: list[dict[str, Any]]
     assert_l2e_equal(r0["l2e"], r1["l2e"])
     assert_l2e_close(r0["l2e"], l2e_state(opt))
     assert_params_close(r0["params"], {n: p.detach() for n, p in reference.named_parameters()})
+
+
+def test_ddp_per_position_statistics_match_single_process(ddp_ranks: list[dict[str, Any]]) -> None:
+    reference = OddLM()
+    opt, _ = single_process(reference, odd_loss, PER_POSITION_STEPS, PER_POSITION_CONFIG)
+    r0, r1 = (rank["per_position"] for rank in ddp_ranks)
+    assert_l2e_equal(r0["l2e"], r1["l2e"])
+    assert_l2e_close(r0["l2e"], l2e_state(opt))
+    assert r0["allreduce_sizes"].tolist() == [r0["accumulator_numel"]] * PER_POSITION_STEPS
+    assert all(site.rows == 9 and int(site.count[-1]) > 0 for site in opt.sites.values())
 
 
 def test_process_group_option_selects_the_group(ddp_ranks: list[dict[str, Any]]) -> None:

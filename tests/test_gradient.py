@@ -134,6 +134,16 @@ def test_no_inhibition_before_warmup(corpus: torch.Tensor) -> None:
     assert any(not torch.equal(p.grad, active[n]) for n, p in model.named_parameters())
 
 
+def site_before_and_after(model: nn.Module, opt: L2EWrapper) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For the wrapper's first site: its activation on each forward, before and after the hook."""
+    module = dict(model.named_modules())[next(iter(opt.sites))]
+    raw: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
+    module.register_forward_pre_hook(lambda m, a: raw.append(a[0]), prepend=True)
+    module.register_forward_pre_hook(lambda m, a: after.append(a[0]))
+    return raw, after
+
+
 @pytest.mark.parametrize(("topk", "scale", "retrieval"), [(1, 1.0, "auto"), (3, 0.5, "auto"), (3, 0.5, "token-topk")])
 def test_memel_reverse_deactivation_matches_reference(
     corpus: torch.Tensor, topk: int, scale: float, retrieval: str
@@ -141,13 +151,8 @@ def test_memel_reverse_deactivation_matches_reference(
     config = L2EConfig(inhibition="memel", memel_topk=topk, memel_scale=scale, warmup_steps=0,
                        retrieval=retrieval)  # type: ignore[arg-type]
     model, opt, data = warmed_up(config, corpus)
-    name = next(iter(opt.sites))
-    site = opt.sites[name]
-    module = dict(model.named_modules())[name]
-    raw: list[torch.Tensor] = []
-    after: list[torch.Tensor] = []
-    module.register_forward_pre_hook(lambda m, a: raw.append(a[0]), prepend=True)
-    module.register_forward_pre_hook(lambda m, a: after.append(a[0]))
+    site = next(iter(opt.sites.values()))
+    raw, after = site_before_and_after(model, opt)
     lm_loss(model, next(data)).backward()  # type: ignore[call-overload]
     z = raw[0]
     z.retain_grad()
@@ -168,19 +173,15 @@ def test_memel_changes_exactly_topk_values_per_sequence_its_highest_scores(corpu
     # its `topk` highest-scoring values over all positions x neurons, never a padded one.
     config = L2EConfig(inhibition="memel", memel_topk=topk, warmup_steps=0)
     model, opt, data = warmed_up(config, corpus)
-    name, site = next(iter(opt.sites.items()))
-    module = dict(model.named_modules())[name]
-    raw: list[torch.Tensor] = []
-    after: list[torch.Tensor] = []
-    module.register_forward_pre_hook(lambda m, a: raw.append(a[0].detach()), prepend=True)
-    module.register_forward_pre_hook(lambda m, a: after.append(a[0].detach()))
+    site = next(iter(opt.sites.values()))
+    raw, after = site_before_and_after(model, opt)
     ids = torch.cat([next(data), next(data)])  # type: ignore[call-overload]
     mask = torch.ones(ids.shape)
     mask[1, 5:] = 0
     opt.set_token_mask(mask)
     model(input_ids=ids, attention_mask=mask.long())
     opt.set_token_mask(None)
-    z, changed = raw[0], raw[0] != after[0]  # [batch, seq, N]
+    z, changed = raw[0].detach(), raw[0] != after[0]  # [batch, seq, N]
     assert changed.sum(dim=(1, 2)).tolist() == [topk] * ids.shape[0]
     assert not changed[1, 5:].any()
     phi = reference.scores(z.reshape(-1, site.neurons), site.mean, site.var, config.eps).reshape(z.shape)

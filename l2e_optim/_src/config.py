@@ -10,12 +10,14 @@ from typing import Any, Literal, Union
 from .selection import THRESHOLD_BOUNDS, initial_threshold
 
 Inhibition = Literal["l2e", "memel", "none"]
+Statistics = Literal["pooled", "per-position"]
 Retrieval = Literal["auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random"]
 LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
 
 _INHIBITIONS = ("l2e", "memel", "none")
 _RETRIEVALS = ("auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random")
 _LAYER_NAMES = ("mid-2", "mid-third", "all")
+_STATISTICS = ("pooled", "per-position")
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,13 @@ class L2EConfig:
             random ``ratio`` of the values, blind to the scores (the control that tells inhibiting
             *monosemantic* values from generic noise on the activations; draws from torch's
             global RNG). ``"auto"``: threshold for "l2e", sample-topk for "memel".
+        statistics: ``"pooled"``: one running mean and variance per neuron, pooled over batch and
+            positions; ``"per-position"``: one per (position, neuron), as the official MEmeL code
+            keeps them, for positions ``< max_positions``; every later position shares one more
+            (tail) row, pooled over those positions. The position is the index along the
+            activation's middle axes (a 2-D ``[rows, N]`` activation has only position 0).
+        max_positions: per-position only: how many leading positions get their own statistics
+            (set it to the training context length); the state is ``max_positions + 1`` rows.
     """
 
     inhibition: Inhibition = "l2e"
@@ -75,6 +84,8 @@ class L2EConfig:
     threshold_lr: float = 0.05
     threshold_init: float | None = None
     retrieval: Retrieval = "auto"
+    statistics: Statistics = "pooled"
+    max_positions: int = 2048
 
     def __post_init__(self) -> None:
         if self.inhibition not in _INHIBITIONS:
@@ -84,6 +95,12 @@ class L2EConfig:
             )
         if self.retrieval not in _RETRIEVALS:
             raise ConfigError(f"retrieval={self.retrieval!r} is not one of {_RETRIEVALS}.")
+        if self.statistics not in _STATISTICS:
+            raise ConfigError(
+                f"statistics={self.statistics!r} is not one of {_STATISTICS}; 'pooled' keeps one "
+                "statistic per neuron, 'per-position' one per (position, neuron)."
+            )
+        _check_int_at_least("max_positions", self.max_positions, 1, "set it to the context length")
         _check_open_unit("ratio", self.ratio, "the paper's best values are 0.01 to 0.03")
         _check_nonnegative("strength", self.strength)
         _check_nonnegative("eps", self.eps)
@@ -110,6 +127,11 @@ class L2EConfig:
         if self.retrieval != "auto":
             return self.retrieval
         return "sample-topk" if self.inhibition == "memel" else "threshold"
+
+    @property
+    def statistic_rows(self) -> int | None:
+        """Rows of per-position statistics (``max_positions + 1``, the last the tail); None if pooled."""
+        return self.max_positions + 1 if self.statistics == "per-position" else None
 
     @property
     def starting_threshold(self) -> float:

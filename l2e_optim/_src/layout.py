@@ -8,13 +8,22 @@ import torch
 from torch import Tensor, nn
 
 from .discovery import SiteDiscoveryError, site_width
-from .site import SiteState, accumulator_size
+from .accumulator import accumulator_size
+from .site import SiteState
 
 
 def build_sites(
-    modules: Mapping[str, nn.Module], names: Sequence[str], tap: str, threshold: float, default: torch.device
+    modules: Mapping[str, nn.Module],
+    names: Sequence[str],
+    tap: str,
+    threshold: float,
+    default: torch.device,
+    rows: int | None = None,
 ) -> tuple[dict[str, SiteState], dict[torch.device, Tensor]]:
     """A fresh :class:`SiteState` per name, their accumulators views into one buffer per device.
+
+    ``rows``: per-position statistic rows (None: pooled); the accumulators hold per-row sums, so
+    per-position statistics still take one all-reduce per step.
 
     One buffer per device (one, unless a single process spreads the model over several devices)
     lets the step's all-reduce run on it directly: no packing, no copying back.
@@ -23,15 +32,15 @@ def build_sites(
     devices = {name: module_device(modules[name], default) for name in names}
     sizes: dict[torch.device, int] = {}
     for name in names:
-        sizes[devices[name]] = sizes.get(devices[name], 0) + accumulator_size(widths[name])
+        sizes[devices[name]] = sizes.get(devices[name], 0) + accumulator_size(widths[name], rows)
     buffers = {where: torch.zeros(size, dtype=torch.float32, device=where) for where, size in sizes.items()}
     offsets = dict.fromkeys(buffers, 0)
     sites = {}
     for name in names:
-        where, size = devices[name], accumulator_size(widths[name])
+        where, size = devices[name], accumulator_size(widths[name], rows)
         view = buffers[where][offsets[where] : offsets[where] + size]
         offsets[where] += size
-        sites[name] = SiteState(name, widths[name], threshold, where, accumulator=view)
+        sites[name] = SiteState(name, widths[name], threshold, where, accumulator=view, rows=rows)
     return sites, buffers
 
 
@@ -69,4 +78,4 @@ def relink_accumulators(
     """Make each site's accumulator a view into its buffer again (after a plain pickle round trip)."""
     for name, site in sites.items():
         start = offsets[name]
-        site.accumulator = buffers[site.mean.device][start : start + accumulator_size(site.neurons)]
+        site.accumulator = buffers[site.mean.device][start : start + accumulator_size(site.neurons, site.rows)]

@@ -57,6 +57,58 @@ def merge(
     return new_mean, new_var
 
 
+def position_row(t: int, rows: int) -> int:
+    """Per-position statistics: position t's row (its own, or the shared tail row rows - 1)."""
+    return min(t, rows - 1)
+
+
+def scores_per_position(
+    z: Tensor, mean: Tensor, var: Tensor, count: Tensor, eps: float
+) -> Tensor:
+    """phi[b, t, i] against row r = position_row(t): (z - mean_ri)^2 / (var_ri + eps * c), c the
+    mean of var over every (row, neuron) of the rows with count >= 2 (a variance needs two values)."""
+    batch, positions, n = z.shape
+    rows = mean.shape[0]
+    seen = [r for r in range(rows) if int(count[r]) >= 2]
+    total = sum(float(var[r, i]) for r in seen for i in range(n))
+    compensation = eps * total / (len(seen) * n) if seen else 0.0
+    out = torch.zeros(batch, positions, n, dtype=torch.float64)
+    for b in range(batch):
+        for t in range(positions):
+            r = position_row(t, rows)
+            for i in range(n):
+                denom = max(float(var[r, i]) + compensation, torch.finfo(torch.float32).tiny)
+                out[b, t, i] = (float(z[b, t, i]) - float(mean[r, i])) ** 2 / denom
+    return out
+
+
+def merge_per_position(
+    count: list[float],
+    mean: list[list[float]],
+    var: list[list[float]],
+    z: Tensor,
+    valid: Tensor | None,
+    forget_steps: int | None,
+) -> tuple[list[float], list[list[float]], list[list[float]]]:
+    """One step's per-position merge: each row merges the (valid) values of its positions."""
+    batch, positions, n = z.shape
+    rows = len(count)
+    new_count, new_mean, new_var = [], [], []
+    for r in range(rows):
+        values = [
+            z[b, t]
+            for b in range(batch)
+            for t in range(positions)
+            if position_row(t, rows) == r and (valid is None or float(valid[b, t]) > 0)
+        ]
+        block = torch.stack(values) if values else torch.zeros(0, n)
+        m, v = merge(count[r], mean[r], var[r], block, forget_steps)
+        new_count.append(count[r] + len(values))
+        new_mean.append(m)
+        new_var.append(v)
+    return new_count, new_mean, new_var
+
+
 def threshold_selection(phi: Tensor, tau: float) -> set[tuple[int, int]]:
     """The (token, neuron) pairs with phi >= tau."""
     return {(t, i) for t in range(phi.shape[0]) for i in range(phi.shape[1]) if float(phi[t, i]) >= tau}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from einops import rearrange, reduce
 from torch import Tensor
+
+from .position import as_sequences, position_rows
+from .statistics import MIN_COUNT
 
 #: The relative error (r - p) / p is at least -1 (r >= 0); it is clipped above at this value so
 #: one outlier step moves tau by at most exp(threshold_lr * 9). A tighter, symmetric clip would
@@ -16,29 +20,72 @@ THRESHOLD_ERROR_MAX = 9.0
 THRESHOLD_BOUNDS = (1e-4, 1e8)
 
 
-def score_denominator(var: Tensor, eps: float) -> Tensor:
+def score_denominator(var: Tensor, eps: float, seen: Tensor | None = None) -> Tensor:
     """``var + eps * mean(var)`` (MEmeL's variance compensation), floored above 0.
 
-    The floor (fp32's smallest normal) only matters when every neuron is dead (all var 0).
+    ``var`` is ``[N]`` (pooled) or ``[rows, N]`` (per-position); with rows the mean runs over
+    every (row, neuron) statistic, as the official code's does over (position, channel), but
+    only over the rows that ``seen`` (``[rows]`` bool, default all) marks as holding data: rows
+    no sequence has reached yet would otherwise dilute the compensation. The floor (fp32's
+    smallest normal) only matters when every neuron is dead (all var 0).
     """
-    compensation = eps * reduce(var, "n -> ()", "mean")
+    if var.ndim == 1:
+        compensation = eps * reduce(var, "n -> ()", "mean")
+    else:
+        weight = torch.ones_like(var[:, 0]) if seen is None else seen.to(var.dtype)  # [rows]
+        total = (weight @ var).sum()
+        compensation = eps * total / (weight.sum() * var.shape[1]).clamp_min(1.0)
     return (var + compensation).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def monosemanticity_scores(z: Tensor, mean: Tensor, var: Tensor, *, eps: float = 0.01) -> Tensor:
+class TokenStatistics(NamedTuple):
+    """A site's statistics as each token of a ``[sequences, positions, N]`` activation sees them.
+
+    All three broadcast against ``[sequences, positions, N]``: ``[N]``/``[N]``/0-dim when pooled,
+    ``[positions, N]``/``[positions, N]``/``[positions, 1]`` per-position.
+    """
+
+    shift: Tensor  #: running mean
+    denom: Tensor  #: ``var + eps * mean(var)``
+    seen: Tensor  #: bool: the statistic has merged MIN_COUNT tokens (else nothing is monosemantic yet)
+
+
+def token_statistics(mean: Tensor, var: Tensor, count: Tensor, eps: float, positions: int) -> TokenStatistics:
+    """Gather each position's statistic row (per-position), or pass pooled statistics through."""
+    if mean.ndim == 1:
+        return TokenStatistics(mean, score_denominator(var, eps), count >= MIN_COUNT)
+    rows = position_rows(positions, mean.shape[0], mean.device)  # [positions]
+    seen = count >= MIN_COUNT  # [rows]
+    return TokenStatistics(mean[rows], score_denominator(var, eps, seen)[rows], seen[rows][:, None])
+
+
+def monosemanticity_scores(
+    z: Tensor, mean: Tensor, var: Tensor, *, eps: float = 0.01, count: Tensor | None = None
+) -> Tensor:
     """Monosemanticity score ``phi = (z - mean)^2 / (var + eps * mean(var))`` of each value.
 
     Args:
         z: activations, ``[..., neurons]``, any float dtype (scored in fp32).
-        mean: running mean of each neuron's earlier values, ``[neurons]``.
-        var: their unbiased running variance, ``[neurons]``.
+        mean: running mean of each neuron's earlier values, ``[neurons]``; or per-position
+            statistics ``[rows, neurons]`` (``SiteState.mean`` with ``statistics="per-position"``):
+            then ``z`` is ``[sequences, positions..., neurons]`` and position t uses row
+            ``min(t, rows - 1)``.
+        var: their unbiased running variance, shaped like ``mean``.
         eps: variance compensation (MEmeL, default 0.01); keeps dead neurons finite.
+        count: per-position only, optional ``[rows]`` tokens per row: the compensation averages
+            over the rows with data (at least two tokens; default: all rows).
 
     Returns:
         fp32 scores with the shape of ``z``.
     """
-    d = z.float() - mean.float()
-    return d * d / score_denominator(var.float(), eps)
+    if mean.ndim == 1:
+        d = z.float() - mean.float()
+        return d * d / score_denominator(var.float(), eps)
+    z3 = as_sequences(z)
+    count = torch.ones(mean.shape[0], device=mean.device) if count is None else count
+    stats = token_statistics(mean.float(), var.float(), count, eps, z3.shape[1])
+    d = z3.float() - stats.shift
+    return (d * d / stats.denom).reshape(z.shape)
 
 
 def per_token_topk_mask(scores: Tensor, k: int) -> Tensor:

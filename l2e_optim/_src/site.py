@@ -17,23 +17,12 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .accumulator import Pending, accumulate, accumulator_size, pending
 from .config import L2EConfig
 from .inhibition import half_log_ms_grad_, reverse_deactivation
-from .selection import monosemanticity_scores, retrieve, sample_count, score_denominator
+from .position import as_sequences, position_sums
+from .selection import retrieve, sample_count, token_statistics
 from .statistics import deviations, shifted_sums
-
-# Layout of a site's step accumulator (fp32, all-reduced as one block): the shifted sums
-# s1 [N] and s2 [N], then these scalar slots.
-ACC_TOKENS, ACC_SELECTED, ACC_NONFINITE = 0, 1, 2
-ACC_SCALARS = 3
-#: Tokens a site must have merged before its scores mean anything: an unbiased variance needs
-#: two values (after one token every var is 0 and every deviation would score as monosemantic).
-MIN_COUNT = 2
-
-
-def accumulator_size(neurons: int) -> int:
-    """Length of a site's step accumulator: s1 [N], s2 [N], then the scalar slots."""
-    return 2 * neurons + ACC_SCALARS
 
 
 class SiteState:
@@ -41,30 +30,40 @@ class SiteState:
 
     Attributes:
         name: qualified module name, as in ``model.named_modules()``.
-        mean: ``[N]`` fp32 running mean of each neuron.
-        var: ``[N]`` fp32 running unbiased variance.
+        mean: ``[N]`` fp32 running mean of each neuron; per-position statistics: ``[R, N]``, row t
+            for position t < R - 1 and the tail row R - 1 for all later positions.
+        var: fp32 running unbiased variance, shaped like ``mean``.
         threshold: 0-dim fp32 moving threshold tau on the monosemanticity score.
-        count: 0-dim int64 tokens merged into the statistics so far.
+        count: int64 tokens merged into the statistics so far: 0-dim, or ``[R]`` (per row).
         selected_fraction: 0-dim fp32 fraction of values with score >= tau in the last step.
         nonfinite: 0-dim int64 micro-batches skipped for NaN/inf activations.
     """
 
     def __init__(
-        self, name: str, neurons: int, threshold: float, device: torch.device, accumulator: Tensor | None = None
+        self,
+        name: str,
+        neurons: int,
+        threshold: float,
+        device: torch.device,
+        accumulator: Tensor | None = None,
+        rows: int | None = None,
     ) -> None:
         self.name = name
         f32, i64 = torch.float32, torch.int64
-        self.mean = torch.empty(neurons, dtype=f32, device=device)
-        self.var = torch.empty(neurons, dtype=f32, device=device)
+        stat_shape = (neurons,) if rows is None else (rows, neurons)
+        self.mean = torch.empty(stat_shape, dtype=f32, device=device)
+        self.var = torch.empty(stat_shape, dtype=f32, device=device)
         self.threshold = torch.empty((), dtype=f32, device=device)
-        self.count = torch.empty((), dtype=i64, device=device)
+        self.count = torch.empty(stat_shape[:-1], dtype=i64, device=device)
         self.selected_fraction = torch.empty((), dtype=f32, device=device)
         self.nonfinite = torch.empty((), dtype=i64, device=device)
         # Step accumulator: not state (it never outlives a step), so not checkpointed. The wrapper
         # passes a view into one buffer shared by all sites, so the step's all-reduce is one call
         # on that buffer, with no packing or copying back.
         self.accumulator = (
-            torch.empty(accumulator_size(neurons), dtype=f32, device=device) if accumulator is None else accumulator
+            torch.empty(accumulator_size(neurons, rows), dtype=f32, device=device)
+            if accumulator is None
+            else accumulator
         )
         # GradScaler's scale when the pending sums were gathered (see drop_stale_sums_); not state.
         self.scale_tag = torch.zeros((), dtype=f32, device=device)
@@ -81,7 +80,16 @@ class SiteState:
     @property
     def neurons(self) -> int:
         """N, the number of neurons of the site."""
-        return int(self.mean.shape[0])
+        return int(self.mean.shape[-1])
+
+    @property
+    def rows(self) -> int | None:
+        """R, the number of per-position statistic rows; None for pooled statistics."""
+        return None if self.mean.ndim == 1 else int(self.mean.shape[0])
+
+    def pending(self) -> Pending:
+        """Named views into this step's accumulator."""
+        return pending(self.accumulator, self.neurons, self.rows)
 
     def tensors(self) -> dict[str, Tensor]:
         """The checkpointed tensors by name."""
@@ -121,45 +129,42 @@ class _Tap(torch.autograd.Function):
         z, valid = ctx.saved_tensors
         mean, var, tau, count, step, acc = ctx.site
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
+        z3 = as_sequences(z)  # [sequences, positions, N]
+        stats = token_statistics(mean, var, count, eps, z3.shape[1])
+        valid3 = None if valid is None else valid.view(z3.shape[:2])  # [sequences, positions]
         # Shift K = running mean: identical on every rank, keeps the sums small.
-        d = deviations(rearrange(z, "... n -> (...) n"), mean, valid)  # [tokens, N]
+        d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
         dsq = d * d
-        denom = score_denominator(var, eps)  # [N]
         # phi >= tau  <=>  d^2 >= tau * denom: one comparison, no [tokens, N] score tensor. Before
-        # a site has statistics (count < MIN_COUNT) nothing is monosemantic: its bar is +inf.
-        bar = torch.where(count >= MIN_COUNT, tau, torch.inf) * denom  # [N]
+        # a statistic has data (count < MIN_COUNT) nothing is monosemantic: its bar is +inf.
+        bar = torch.where(stats.seen, tau, torch.inf) * stats.denom
         over = dsq >= bar  # what the moving threshold counts, whatever inhibits
-        if valid is not None:
-            over &= valid[:, None] > 0
-        s1, s2 = shifted_sums(d, dsq, valid)
+        if valid3 is not None:
+            over &= valid3[..., None] > 0
+        n = z3.shape[-1]
+        if mean.ndim == 1:
+            s1, s2 = shifted_sums(d.view(-1, n), dsq.view(-1, n), valid)
+            tokens = valid.sum() if valid is not None else d.new_full((), float(d.numel() // n))
+        else:
+            s1, s2, tokens = position_sums(d, dsq, valid3, mean.shape[0])
         # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
         # A device bool, so skipping the micro-batch costs no host sync.
         finite = torch.isfinite(s2).all()
-        tokens = valid.sum() if valid is not None else d.new_full((), float(d.shape[0]))
-        _accumulate(acc, s1, s2, tokens, over, finite)
+        accumulate(pending(acc, n, None if mean.ndim == 1 else mean.shape[0]), s1, s2, tokens, over, finite)
         if coef == 0.0:
             return grad, None, None, None, None
         selected = over
         if retrieval != "threshold":
-            samples = sample_count(z.shape)
-            selected = retrieve(dsq / denom, retrieval, tau, ratio, topk, samples, valid) & (count >= MIN_COUNT)
+            scores = (dsq / stats.denom).view(-1, n)
+            picked = retrieve(scores, retrieval, tau, ratio, topk, sample_count(z.shape), valid)
+            selected = picked.view(z3.shape) & stats.seen
         active = finite & (step >= warmup)
-        scale = torch.where(active, 2.0 * coef / tokens.clamp_min(1.0), 0.0)  # 2: d/dz log d^2 = 2/d
+        total = tokens.sum()
+        scale = torch.where(active, 2.0 * coef / total.clamp_min(1.0), 0.0)  # 2: d/dz log d^2 = 2/d
         if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
             scale = scale * ctx.loss_scale
         extra = half_log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
         return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None
-
-
-def _accumulate(acc: Tensor, s1: Tensor, s2: Tensor, tokens: Tensor, selected: Tensor, finite: Tensor) -> None:
-    n = s1.shape[0]
-    zero = torch.zeros((), dtype=acc.dtype, device=acc.device)
-    acc[:n] += torch.where(finite, s1, zero)
-    acc[n : 2 * n] += torch.where(finite, s2, zero)
-    # count_nonzero, not bool .sum(): on CPU the sum widens the mask to int64 first (~15x slower).
-    tail = torch.stack([tokens.to(acc.dtype), torch.count_nonzero(selected).to(acc.dtype)])
-    acc[2 * n : 2 * n + 2] += torch.where(finite, tail, zero)
-    acc[2 * n + ACC_NONFINITE] += (~finite).to(acc.dtype)
 
 
 class SiteRuntime:
@@ -298,13 +303,15 @@ def drop_stale_sums_(acc: Tensor, tag: Tensor, loss_scale: Tensor) -> None:
 def _memel(z: Tensor, valid: Tensor | None, site: SiteState, runtime: SiteRuntime) -> Tensor:
     """Reverse Deactivation of the retrieved values (after warm-up, once statistics exist)."""
     config = runtime.config
-    z2 = rearrange(z, "... n -> (...) n")
-    phi = monosemanticity_scores(z2.detach(), site.mean, site.var, eps=config.eps)
+    z3 = as_sequences(z)  # [sequences, positions, N]
+    stats = token_statistics(site.mean, site.var, site.count, config.eps, z3.shape[1])
+    d = z3.detach().float() - stats.shift
+    phi = (d * d / stats.denom).view(-1, z3.shape[-1])  # [tokens, N]
     selected = retrieve(
         phi, config.resolved_retrieval, site.threshold, config.ratio, config.memel_topk, sample_count(z.shape), valid
-    )
-    selected = selected & (site.count >= MIN_COUNT) & (runtime.step >= config.warmup_steps)
-    out = reverse_deactivation(z2, selected, site.mean, config.memel_scale)
+    ).view(z3.shape)
+    selected = selected & stats.seen & (runtime.step >= config.warmup_steps)
+    out = reverse_deactivation(z3, selected, stats.shift, config.memel_scale)
     return out.reshape(z.shape)
 
 

@@ -79,8 +79,15 @@ def validate_l2e_state(entry: Any, config: L2EConfig, sites: Mapping[str, SiteSt
             f"{L2E_KEY}.sites: the checkpoint's sites do not match this model's "
             f"(missing {missing}, unexpected {unexpected}); was it saved from another model?"
         )
+    if saved.statistic_rows != config.statistic_rows:
+        raise CheckpointError(
+            f"{L2E_KEY}.config: saved with statistics={saved.statistics!r}, max_positions="
+            f"{saved.max_positions}; this wrapper has statistics={config.statistics!r}, max_positions="
+            f"{config.max_positions}: the statistics have other shapes. Build the wrapper with the "
+            "saved settings to resume."
+        )
     for name, site in sites.items():
-        validate_site(f"{L2E_KEY}.sites.{name}", saved_sites[name], site.neurons)
+        validate_site(f"{L2E_KEY}.sites.{name}", saved_sites[name], site)
     if saved != config:
         warnings.warn(
             f"the checkpoint's L2EConfig differs from this wrapper's ({_config_diff(saved, config)}); "
@@ -89,15 +96,15 @@ def validate_l2e_state(entry: Any, config: L2EConfig, sites: Mapping[str, SiteSt
         )
 
 
-def validate_site(prefix: str, saved: Any, neurons: int) -> None:
-    """Check one site's saved tensors: keys, shapes, dtypes, finiteness, signs."""
+def validate_site(prefix: str, saved: Any, site: SiteState) -> None:
+    """Check one site's saved tensors against the live ``site``: keys, shapes, dtypes, finiteness, signs."""
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"{prefix}: expected a dict of tensors")
     extra = sorted(set(saved) - set(SITE_TENSORS))
     if extra:
         raise CheckpointError(f"{prefix}.{extra[0]}: unexpected key")
     for key, (dtype, bounds) in SITE_TENSORS.items():
-        shape = (neurons,) if key in ("mean", "var") else ()
+        shape = tuple(site.tensors()[key].shape)
         _check_tensor(f"{prefix}.{key}", saved.get(key), shape, dtype, bounds)
 
 

@@ -19,6 +19,10 @@ import torch
 from einops import reduce
 from torch import Tensor
 
+#: Tokens a statistic must have merged before its scores mean anything: an unbiased variance
+#: needs two values (after one token every var is 0 and every deviation would score as
+#: monosemantic).
+MIN_COUNT = 2
 #: The running mean saturates at +-MEAN_LIMIT and the running variance at VAR_LIMIT
 #: (= MEAN_LIMIT ** 2): the largest values a checkpoint can hold (state_dict.py checks them).
 MEAN_LIMIT = 1e15
@@ -26,7 +30,10 @@ VAR_LIMIT = 1e30
 
 
 def deviations(z: Tensor, shift: Tensor, valid: Tensor | None) -> Tensor:
-    """``z - shift`` in fp32, ``[tokens, neurons]``, with padded rows (``valid == 0``) zeroed.
+    """``z - shift`` in fp32, with padded tokens (``valid == 0``) zeroed.
+
+    ``z`` is ``[tokens, neurons]`` with ``valid`` ``[tokens]``, or ``[sequences, positions,
+    neurons]`` with ``valid`` ``[sequences, positions]``; ``shift`` broadcasts against ``z``.
 
     A NaN or inf at a padded position is the padding's own business (e.g. an attention row with
     nothing to attend to): zeroed here, it cannot reach the sums, the scores or the skip test,
@@ -35,7 +42,7 @@ def deviations(z: Tensor, shift: Tensor, valid: Tensor | None) -> Tensor:
     """
     d = z.float() - shift
     if valid is not None:
-        d.masked_fill_((valid <= 0)[:, None], 0.0)
+        d.masked_fill_((valid <= 0)[..., None], 0.0)
     return d
 
 

@@ -77,7 +77,9 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         self.process_group = process_group
         self._step_count = torch.zeros((), dtype=torch.int64, device=device)
         self._runtime = SiteRuntime(config, self._step_count)
-        self._sites, self._buffers = build_sites(modules, names, tap, config.starting_threshold, device)
+        self._sites, self._buffers = build_sites(
+            modules, names, tap, config.starting_threshold, device, config.statistic_rows
+        )
         self._handles: list[RemovableHandle] = []
         for name, site in self._sites.items():
             module = modules[name]

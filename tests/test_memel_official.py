@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from conftest import batches, tiny_gpt_neox
+from conftest import batches
+from l2e_optim._lab.zoo import tiny_gpt_neox
 from l2e_optim import L2EConfig, L2EWrapper
 
 N_F, EPS, DELTA, TOPK = 3, 0.01, 0.5, 1

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PlainLM, batches, tiny_gpt_neox
+from conftest import batches
+from l2e_optim._lab.zoo import PlainLM, tiny_gpt_neox
 from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, monosemanticity_scores, position_shares
 from l2e_optim._src import reference
 from test_gradient import capture, lm_loss, penalised_values, site_before_and_after, warmed_up
@@ -29,6 +30,7 @@ def test_state_layout() -> None:
         assert (site.rows, site.neurons) == (rows, 128)
         assert site.mean.shape == site.var.shape == (rows, 128) and site.count.shape == (rows,)
         assert site.accumulator.numel() == 2 * rows * 128 + rows + 2
+    opt.remove_hooks()
     pooled = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.0), model)
     assert next(iter(pooled.sites.values())).rows is None
 

@@ -3,8 +3,8 @@
     python -m benchmarks.reproduce EXPERIMENT [EXPERIMENT ...] [--quick] [--out DIR] [--figures DIR]
 
 Results go to ``DIR/<experiment>.json`` (default ``docs/results``), figures to
-``docs/figures/<experiment>.png`` (with ``--quick``: next to the JSON, so CI never overwrites
-the documented figures). Every run trains Pythia-shaped GPT-NeoX models (random init, byte
+``docs/figures/<experiment>.png``. With ``--quick`` both default to ``runs/reproduce-quick``: a
+quick run never overwrites the committed results and figures. Every run trains Pythia-shaped GPT-NeoX models (random init, byte
 vocabulary) on the embedded corpus (the interpreter's standard-library Python, labelled per
 byte by ``tokenize``) with the demo's ``pretrain.train``; see docs/reproduction.md.
 
@@ -289,6 +289,10 @@ def _spearman(x: list[float], y: list[float]) -> float:
 RUNNERS = {"scale": scale, "fkr": fkr, "compare": compare, "threshold": threshold}
 
 
+#: The committed results and figures (full runs only) and where quick runs write by default.
+RESULTS, FIGURES, QUICK_FOLDER = "docs/results", "docs/figures", "runs/reproduce-quick"
+
+
 def main(argv: list[str] | None = None) -> None:
     args_in = sys.argv[1:] if argv is None else argv
     if args_in[:1] == ["scaling"]:  # the scaling study has its own options and a resumable runner
@@ -300,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("experiment", nargs="+", choices=(*EXPERIMENTS, "all"),
                         help="one or more experiments (fkr reuses the scale models when both run)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI (seconds)")
-    parser.add_argument("--out", default=None, help="results folder (default docs/results)")
-    parser.add_argument("--figures", default=None, help="figures folder (default docs/figures)")
+    parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick: {QUICK_FOLDER})")
+    parser.add_argument("--figures", default=None, help=f"figures folder (default {FIGURES}; --quick: the results folder)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--scale-steps", type=int, default=None, help="override the scale models' steps")
     parser.add_argument("--compare-steps", type=int, default=None, help="override the compare runs' steps")
@@ -316,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare_steps:
         size = dataclasses.replace(size, compare_steps=args.compare_steps)
     cache: dict[str, Any] = {"variants": ["adamw", *(v for v in args.variants or VARIANTS if v != "adamw")]}
-    out = pathlib.Path(args.out or "docs/results")
-    figures = pathlib.Path(args.figures or (out if args.quick else "docs/figures"))
+    out = pathlib.Path(args.out or (QUICK_FOLDER if args.quick else RESULTS))
+    figures = pathlib.Path(args.figures or (out if args.quick else FIGURES))
     out.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(max_bytes=size.corpus_bytes)

@@ -523,3 +523,12 @@ def test_scheduler_state_round_trips_exactly(kind: str, tmp_path: pathlib.Path) 
     load_checkpoint(tmp_path / "s.safetensors", opt2, model=model2, scheduler=sched2)
     assert_same(sched2.state_dict(), sched.state_dict())
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+def test_save_into_a_missing_folder_names_the_target_and_leaves_nothing(tmp_path: pathlib.Path) -> None:
+    run = build(Case("fp32"), seed=0)
+    target = tmp_path / "not-there" / "ckpt.safetensors"
+    with pytest.raises(CheckpointError, match="not-there.*does not exist") as caught:
+        save_checkpoint(target, run.opt, model=run.model)
+    assert str(target) in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # no folder made, no temp file left

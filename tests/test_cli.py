@@ -85,7 +85,7 @@ def test_demo_checkpoints_load(demo_run: tuple[Path, str]) -> None:
             assert torch.equal(value, weights[name]), name
 
 
-@pytest.mark.parametrize("target", ["l2e", "l2e/model.safetensors"])
+@pytest.mark.parametrize("target", ["l2e", "l2e/model.safetensors", "l2e/checkpoint.safetensors"])
 def test_analyze_demo_checkpoint(demo_run: tuple[Path, str], tmp_path: Path, target: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = demo_run
@@ -265,3 +265,56 @@ def test_bad_threads_and_methods_and_main_restores_threads(tmp_path: Path, capsy
     run_bad(["demo", *SMOKE, "--threads", "0", "--out", str(tmp_path)], capsys, "--threads=0")
     run_bad(["demo", *SMOKE, "--methods", "adamw,sgd", "--out", str(tmp_path)], capsys, "--methods")
     assert torch.get_num_threads() == before
+
+
+# -- what a new user hit (issue 11) ---------------------------------------------------------------
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr", "-1"], "--lr=-1.0 must be a finite number > 0"),
+    (["--lr", "nan"], "--lr=nan must be a finite number > 0"),
+    (["--steps", "-1"], "--steps=-1 must be >= 1"),
+    (["--seq-len", "0"], "--seq-len=0 must be >= 1"),
+])
+def test_bad_demo_numbers_get_one_line_errors_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    run_bad(["demo", *SMOKE, *flags, "--out", str(tmp_path)], capsys, expected)
+    assert len(capsys.readouterr().err.strip().splitlines()) <= 1
+
+
+def test_top_level_help_describes_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "monosemantic" in printed and "'demo' pretrains" in printed and "'analyze'" in printed
+    assert "thin shell" not in printed and "``" not in printed  # not the module's internal docstring
+
+
+def test_analyze_writes_beside_each_target_by_default(demo_run: tuple[Path, str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _ = demo_run
+    monkeypatch.chdir(tmp_path)
+    common = ["--seq-len", "32", "--tokens", "256", "--top", "2", "--max-bytes", "40000", "--no-progress"]
+    for target in ("l2e", "adamw", "l2e/checkpoint.safetensors"):
+        assert main(["analyze", str(out / target), *common]) == 0
+    written = sorted(p.parent.name for p in (tmp_path / "runs" / "analyze").glob("*/analysis.json"))
+    assert written == ["adamw", "l2e", "l2e-checkpoint"]
+
+
+def test_demo_labels_memel_thresholds_as_monitoring(demo_run: tuple[Path, str]) -> None:
+    _, printed = demo_run
+    assert "memel*" in printed and "tracked for monitoring only" in printed
+    summary = json.loads((demo_run[0] / "summary.json").read_text())
+    assert summary["runs"]["memel"]["sites_role"] == "monitor" and summary["runs"]["l2e"]["sites_role"] == "inhibits"
+
+
+def test_demo_figure_plots_validation_loss_against_adamw() -> None:
+    from l2e_optim._lab.report import val_loss_gaps
+
+    curves = {"adamw": {"val_loss": [(2, 5.50), (4, 5.00)]}, "l2e": {"val_loss": [(2, 5.49), (4, 5.02)]},
+              "memel": {"val_loss": [(2, 5.51), (4, 4.97)]}}
+    gaps = val_loss_gaps(curves)
+    assert list(gaps) == ["l2e", "memel"] and gaps["l2e"][0] == [2, 4]
+    assert [round(v, 6) for v in gaps["l2e"][1]] == [-0.01, 0.02]
+    assert [round(v, 6) for v in gaps["memel"][1]] == [0.01, -0.03]
+    assert val_loss_gaps({"l2e": curves["l2e"]}) == {}

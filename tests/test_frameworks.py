@@ -170,4 +170,7 @@ def test_integration_snippet_runs(index: int, tmp_path: pathlib.Path, capsys: py
     opt = scope["lit"].l2e if "lit" in scope else scope["opt"]
     assert isinstance(opt, L2EWrapper) and int(opt.step_count) == 4
     assert all(int(site.count) > 0 for site in opt.sites.values())
+    # The example must show L2E at work: steps past the warm-up, with the regularizer on.
+    assert opt.config.inhibition == "l2e" and opt.config.strength > 0
+    assert opt.config.warmup_steps < int(opt.step_count)
     assert "l2e/step" in capsys.readouterr().out

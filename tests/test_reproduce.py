@@ -17,8 +17,14 @@ from benchmarks import reproduce  # noqa: E402
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("reproduce")
-    reproduce.main(["all", "--quick", "--out", str(out), "--figures", str(out)])
+    # Run from a scratch folder with no --out: a documented quick command must not touch the
+    # committed docs/results or docs/figures (it writes runs/reproduce-quick).
+    cwd = tmp_path_factory.mktemp("reproduce")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        reproduce.main(["all", "--quick"])
+    assert not (cwd / "docs").exists()
+    out = cwd / "runs" / "reproduce-quick"
     loaded = {}
     for name in reproduce.EXPERIMENTS:
         assert (out / f"{name}.png").stat().st_size > 1000, f"{name}.png missing or empty"

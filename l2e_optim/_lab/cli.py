@@ -25,18 +25,23 @@ from .._src.discovery import SiteDiscoveryError, discover_sites
 from .interrupt import StepBoundaryInterrupt, StopRequested
 from .model_io import InputError, load_causal_lm, load_tokenizer, tokenize_bytes, token_renderer
 from .pretrain import METHODS, RunResult, RunSpec, train
-from .report import analysis_png, analysis_table, check_writable, demo_png, demo_table, write_json
+from .report import MONITOR_ONLY, analysis_png, analysis_table, check_writable, demo_png, demo_table, write_json
 from .zoo import MODEL_SHAPES, UnknownModelError
 from .._src.wrapper import L2EWrapper
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+DESCRIPTION = (
+    "L2E: inhibit monosemantic neurons during pretraining. 'demo' pretrains a small GPT-NeoX "
+    "three ways (AdamW, L2E, MEmeL) on local text and compares loss, speed and monosemanticity; "
+    "'analyze' measures the monosemanticity of a local causal LM. See docs/demo.md."
+)
 SMOKE = {"steps": 4, "batch_size": 2, "seq_len": 32, "max_bytes": 40_000, "width": 32, "layers": 2,
          "eval_every": 2, "eval_batches": 1, "analysis_tokens": 512}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m l2e_optim``."""
-    parser = argparse.ArgumentParser(prog="l2e-optim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="l2e-optim", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="pretrain GPT-NeoX with AdamW, L2E and MEmeL and compare")
     demo.add_argument("--data", action="append", metavar="PATH",
@@ -61,14 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--top", type=int, default=8, help="most monosemantic neurons listed")
     ana.add_argument("--max-bytes", type=int, default=1_000_000,
                      help="corpus size cap in bytes (default 1,000,000: the demo's split)")
-    _common(ana, "runs/analyze")
+    _common(ana, None)
     return parser
 
 
-def _common(parser: argparse.ArgumentParser, out: str) -> None:
+def _common(parser: argparse.ArgumentParser, out: str | None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
-    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+    where = out or "runs/analyze/<name of the target>"
+    parser.add_argument("--out", default=out, help=f"output folder (default {where})")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: small matrices gain little and shared cores thrash)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -119,19 +125,21 @@ def demo_specs(args: argparse.Namespace) -> list[RunSpec]:
         raise InputError(f"--methods {args.methods!r}: use a comma-separated subset of {', '.join(METHODS)}.")
     if args.model not in MODEL_SHAPES:
         raise InputError(f"unknown model {args.model!r}; known models: {', '.join(MODEL_SHAPES)}.")
-    steps = _pick(args.steps, smoke.get("steps"), 200)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr={args.lr} must be a finite number > 0, e.g. --lr 3e-3.")
+    steps = _pick(args.steps, smoke.get("steps"), 200, "--steps")
     specs = [
         RunSpec(
             method=method,
             shape=args.model,
             steps=steps,
-            batch_size=_pick(args.batch_size, smoke.get("batch_size"), 16),
-            seq_len=_pick(args.seq_len, smoke.get("seq_len"), 128),
+            batch_size=_pick(args.batch_size, smoke.get("batch_size"), 16, "--batch-size"),
+            seq_len=_pick(args.seq_len, smoke.get("seq_len"), 128, "--seq-len"),
             lr=args.lr,
             seed=args.seed,
             device=args.device,
-            width=_pick(args.width, smoke.get("width"), None),
-            layers=_pick(args.layers, smoke.get("layers"), None),
+            width=_pick(args.width, smoke.get("width"), None, "--width"),
+            layers=_pick(args.layers, smoke.get("layers"), None, "--layers"),
             eval_every=int(smoke.get("eval_every", max(1, steps // 4))),
             eval_batches=int(smoke.get("eval_batches", 8)),
         )
@@ -140,10 +148,10 @@ def demo_specs(args: argparse.Namespace) -> list[RunSpec]:
     return specs
 
 
-def _pick(flag: Any, smoke: Any, default: Any) -> Any:
+def _pick(flag: Any, smoke: Any, default: Any, name: str) -> Any:
     if flag is not None:
         if isinstance(flag, int) and flag < 1:
-            raise InputError(f"sizes must be >= 1, got {flag}.")
+            raise InputError(f"{name}={flag} must be >= 1.")
         return flag
     return smoke if smoke is not None else default
 
@@ -163,7 +171,7 @@ def _demo(
     out = Path(args.out)
     specs = demo_specs(args)
     check_writable(out)
-    max_bytes = _pick(args.max_bytes, SMOKE["max_bytes"] if args.smoke else None, 1_000_000)
+    max_bytes = _pick(args.max_bytes, SMOKE["max_bytes"] if args.smoke else None, 1_000_000, "--max-bytes")
     corpus = load_corpus(args.data, max_bytes=max_bytes)
     if corpus.val.numel() < specs[0].seq_len + 2:
         raise InputError(f"the validation split has {corpus.val.numel()} bytes, fewer than one window; "
@@ -262,6 +270,7 @@ def demo_summary(
             "median_step_seconds": step_time,
             "step_time_ratio": step_time / base_time if base_time else None,
             "sites": sites,
+            "sites_role": "monitor" if method in MONITOR_ONLY else "inhibits",
             "high_ms_share": found.high_ms_share(inhibited),
             "fkr_2pct": found.fkr_at(0.02, inhibited),
             "analysis_sites": inhibited,
@@ -299,9 +308,17 @@ def _curves(results: dict[str, RunResult], summary: dict[str, Any]) -> dict[str,
 
 
 # -- analyze --------------------------------------------------------------------------------
+def default_analysis_folder(target: Path) -> Path:
+    """``runs/analyze/<name>``: the folder's name, or ``<folder>-<file stem>`` for a file, so that
+    analyses of different targets (``runs/demo/l2e``, ``runs/demo/adamw``) do not overwrite each other."""
+    resolved = target.resolve()
+    name = resolved.name if target.is_dir() or not target.suffix else f"{resolved.parent.name}-{resolved.stem}"
+    return Path("runs/analyze") / (name or "model")
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     """Load a local model, analyse it on byte tokens; table, JSON and PNG."""
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else default_analysis_folder(Path(args.target))
     model = load_causal_lm(Path(args.target))
     check_writable(out)
     for name in ("seq_len", "tokens", "top"):

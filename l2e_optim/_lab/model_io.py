@@ -84,7 +84,7 @@ def _from_file(path: Path, config: Any) -> nn.Module:
     if path.suffix != ".safetensors":
         raise InputError(f"{str(path)!r} is not a .safetensors file; pass a model folder or a .safetensors file.")
     try:
-        state = load_file(str(path))
+        state = _model_weights(path, load_file(str(path)))
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{str(path)!r} is not a readable safetensors file: {_first_line(error)}") from error
     auto: Any = AutoModelForCausalLM  # from_config is untyped in transformers
@@ -92,6 +92,23 @@ def _from_file(path: Path, config: Any) -> nn.Module:
     _raise_if_foreign(path, compare_state(model.state_dict(), state))
     model.load_state_dict(state, strict=False)  # strictness checked above (tied weights may be absent)
     return model
+
+
+def _model_weights(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's weights in ``tensors``: a ``save_checkpoint`` file (the demo's
+    ``checkpoint.safetensors``) keeps them under ``model.`` beside the optimizer's state."""
+    from safetensors import safe_open
+
+    from .._src.checkpoint import FORMAT
+
+    with safe_open(str(path), framework="pt") as file:
+        if (file.metadata() or {}).get("format") != FORMAT:
+            return tensors
+    weights = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
+    if not weights:
+        raise InputError(f"{str(path)!r} is an l2e_optim checkpoint saved without its model; pass the "
+                         "run's model.safetensors or its folder.")
+    return weights
 
 
 def compare_state(expected: dict[str, Tensor], found: dict[str, Tensor]) -> list[str]:

@@ -47,7 +47,13 @@ def read_file(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
 def write_atomically(path: str, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
     """Write a safetensors file to a temporary file beside ``path``, fsync it, rename it over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    if not os.path.isdir(folder):
+        # Not created on the fly: a typo in a path should not scatter folders (torch.save agrees).
+        raise CheckpointError(f"{path}: the folder {folder} does not exist; create it first (os.makedirs)")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot write beside it ({error.strerror})") from error
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)

@@ -146,8 +146,9 @@ def _check_hyper(name: str, key: str, value: Any, live: Any) -> None:
         if numbers_in(live) is not None:
             raise CheckpointError(f"{name}: expected a number, got {type(value).__name__}")
         return
-    if isinstance(live, (tuple, list)) and len(numbers) != len(live):
-        raise CheckpointError(f"{name}: expected {len(live)} numbers, got {len(numbers)}")
+    expected = numbers_in(live) if isinstance(live, (tuple, list)) else None
+    if expected is not None and len(numbers) != len(expected):
+        raise CheckpointError(f"{name}: expected {len(expected)} numbers, got {len(numbers)}")
     for number in numbers:
         if not math.isfinite(number):
             raise CheckpointError(f"{name}: {number} is not finite")
@@ -168,7 +169,8 @@ def numbers_in(value: Any) -> list[float] | None:
             return [math.nan]
         return [float(value)]
     if isinstance(value, (tuple, list)) and value:
-        out = [numbers_in(v) for v in value]
+        # None stands for "derive it" inside some tuples (Adafactor's eps=(None, 1e-3)).
+        out = [numbers_in(v) for v in value if v is not None]
         if any(o is None for o in out):
             return [math.nan]
         return [n for o in out if o is not None for n in o]
@@ -191,6 +193,11 @@ def _check_param_state(prefix: str, entry: Mapping[str, Any], param: Tensor, liv
     for key, value in entry.items():
         name = f"{prefix}.{key}"
         known = known_state.get(key)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+            # LBFGS keeps histories as lists of flat tensors (old_dirs, old_stps): finite, that is all.
+            if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in value):
+                raise CheckpointError(f"{name}: contains NaN or inf")
+            continue
         if not isinstance(value, Tensor):
             numbers = numbers_in(value)
             if numbers is not None and not all(math.isfinite(n) and (n >= 0 or key not in NONNEGATIVE_STATE) for n in numbers):

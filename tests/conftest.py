@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +33,23 @@ def batches(corpus: torch.Tensor, batch: int, seq: int, seed: int = 0) -> Iterat
     while True:
         starts = torch.randint(0, corpus.numel() - seq - 1, (batch,), generator=g)
         yield torch.stack([corpus[s : s + seq] for s in starts.tolist()])
+
+
+#: Data paths the corpus loader (and so the CLI) must refuse, each with an error naming the path.
+BAD_DATA = ("missing", "empty_file", "empty_folder", "binary", "latin1", "binary_folder")
+
+
+def bad_data(tmp_path: Path, case: str) -> Path:
+    """A data path named after ``case`` (one of :data:`BAD_DATA`), made as that case says."""
+    path = tmp_path / case
+    if case in ("empty_folder", "binary_folder"):
+        path.mkdir()
+    if case == "empty_file":
+        path.write_bytes(b"")
+    elif case == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif case == "latin1":
+        path.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    elif case == "binary_folder":
+        (path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    return path

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import BAD_DATA, bad_data
 from l2e_optim import load_checkpoint
 from l2e_optim._lab.cli import main
 from l2e_optim._lab.pretrain import METHODS, RunResult
@@ -128,17 +129,9 @@ def run_bad(argv: list[str], capsys: pytest.CaptureFixture[str], expected: str) 
     assert expected in err, err
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_file", "empty_folder", "binary", "not_utf8"])
+@pytest.mark.parametrize("case", BAD_DATA)
 def test_demo_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
-    path = tmp_path / case
-    if case == "empty_file":
-        path.write_bytes(b"")
-    elif case == "empty_folder":
-        path.mkdir()
-    elif case == "binary":
-        path.write_bytes(bytes(range(256)))
-    elif case == "not_utf8":
-        path.write_bytes("na\xefve".encode("latin-1"))
+    path = bad_data(tmp_path, case)
     run_bad(["demo", *SMOKE, "--data", str(path), "--out", str(tmp_path / "out")], capsys, case)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BAD_DATA, bad_data
 from l2e_optim._lab.corpus import DataError, batches, load_corpus
 from l2e_optim._lab.python_features import FEATURE_NAMES, label_python_bytes
 
@@ -176,22 +177,10 @@ def test_default_corpus_is_labelled_stdlib() -> None:
     assert int(corpus.train.max()) < 256
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_file", "empty_folder", "binary", "latin1", "binary_folder"])
+@pytest.mark.parametrize("case", BAD_DATA)
 def test_bad_data_raises_data_error_naming_the_path(tmp_path: Path, case: str) -> None:
-    target = tmp_path / case
-    if case == "empty_file":
-        target.write_bytes(b"")
-    elif case == "empty_folder":
-        target.mkdir()
-    elif case == "binary":
-        target.write_bytes(bytes(range(256)) * 4)
-    elif case == "latin1":
-        target.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
-    elif case == "binary_folder":
-        target.mkdir()
-        (target / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     with pytest.raises(DataError, match=case):
-        load_corpus([target])
+        load_corpus([bad_data(tmp_path, case)])
 
 
 def test_batches_are_deterministic_windows() -> None:

@@ -43,36 +43,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 # -- models, data, loops (shared by the workers and the single-process reference) --------------
-class OddBlock(nn.Module):
-    """An MLP block whose hidden width (37) does not split evenly over 2 ranks."""
-
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.up = nn.Linear(width, hidden)
-        self.act = nn.GELU()
-        self.down = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(self.act(self.up(self.norm(x))))
-
-
-class OddLM(nn.Module):
-    """Embedding (251 rows), 4 OddBlocks, head (251 rows): odd row counts for FSDP2 sharding."""
-
-    def __init__(self, seed: int = 0, vocab: int = 251, width: int = 16, hidden: int = 37) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(OddBlock(width, hidden) for _ in range(4))
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        out: torch.Tensor = self.head(x)
-        return out
+def odd_lm(seed: int = 0) -> PlainLM:
+    """Embedding and head of 251 rows, MLP hidden 37: row counts that split unevenly over 2 ranks."""
+    return PlainLM(layers=4, width=16, vocab=251, seed=seed, hidden=37)
 
 
 def odd_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -217,7 +190,7 @@ def ddp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
             ),
         }
     # Gradient accumulation under no_sync: micro-batches pile up locally, one reduce at step().
-    model = DDP(OddLM())
+    model = DDP(odd_lm())
     opt = make_opt(model, ACCUM_CONFIG)
     with AllReduceCounter() as counter:
         train_accumulating(model, opt, data[:ACCUM_STEPS], rank, WORLD)
@@ -239,7 +212,7 @@ def ddp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
     }
     # process_group= selects the group: singleton groups leave each rank's statistics local.
     singles, _ = dist.new_subgroups(1)
-    model = OddLM()
+    model = odd_lm()
     opt = make_opt(model, process_group=singles)
     with AllReduceCounter() as counter:
         train(model, opt, odd_loss, data[:2], rank, WORLD)
@@ -252,7 +225,7 @@ def fsdp_model(seed: int) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = OddLM(seed=seed)
+    model = odd_lm(seed=seed)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -317,7 +290,7 @@ def resume_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
 # The documented FSDP2 checkpoint path (docs/distributed.md): gather full state dicts on rank 0
 # into a plain replica, which save_checkpoint / load_checkpoint handle as any single-process model.
 def plain_replica() -> tuple[nn.Module, L2EWrapper]:
-    model = OddLM()
+    model = odd_lm()
     return model, make_opt(model)
 
 
@@ -444,7 +417,7 @@ def test_ddp_matches_single_process_on_global_batch(ddp_ranks: list[dict[str, An
 
 def test_ddp_gradient_accumulation_under_no_sync(ddp_ranks: list[dict[str, Any]]) -> None:
     """Rank r's micro-batch k holds rows of the global micro-batch k; one reduce per step."""
-    reference = OddLM()
+    reference = odd_lm()
     opt = make_opt(reference, ACCUM_CONFIG)
     global_micro = [
         torch.cat([rows.chunk(2)[k] for rows in ids.chunk(WORLD)])
@@ -492,12 +465,12 @@ def fsdp_ranks(fsdp_dir: pathlib.Path) -> list[dict[str, Any]]:
 
 def test_fsdp2_matches_single_process(fsdp_ranks: list[dict[str, Any]]) -> None:
     ranks = fsdp_ranks
-    reference = OddLM(seed=0)
+    reference = odd_lm(seed=0)
     opt, _ = single_process(reference, odd_loss, FSDP_STEPS)
     r0, r1 = ranks
     assert r0["sharded"] and r1["sharded"]
     # The 37-row up projections and 251-row embedding/head split unevenly (19 + 18, 126 + 125).
-    assert r0["local_rows"]["blocks.1.up.weight"] == 19 and r1["local_rows"]["blocks.1.up.weight"] == 18
+    assert r0["local_rows"]["blocks.1.mlp.0.weight"] == 19 and r1["local_rows"]["blocks.1.mlp.0.weight"] == 18
     assert r0["local_rows"]["head.weight"] + r1["local_rows"]["head.weight"] == 251
     assert_l2e_equal(r0["l2e"], r1["l2e"])
     assert_l2e_close(r0["l2e"], l2e_state(opt))

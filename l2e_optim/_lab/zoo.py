@@ -118,12 +118,12 @@ def lm_loss(model: nn.Module, window: Tensor) -> Tensor:
 
 
 class PlainBlock(nn.Module):
-    """A pre-norm transformer-style block written with plain torch modules."""
+    """A pre-norm transformer-style block written with plain torch modules (MLP hidden ``hidden``)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + cast(Tensor, self.mlp(self.norm(x)))
@@ -133,13 +133,16 @@ class PlainLM(nn.Module):
     """Embedding, a stack of PlainBlocks, a head: the smallest 'transformer MLP' model.
 
     Seeds the global RNG with ``seed`` (tests rely on the draws that follow being fixed too).
+    ``hidden`` is the MLP width (default ``4 * width``).
     """
 
-    def __init__(self, layers: int = 4, width: int = 16, vocab: int = VOCAB, seed: int = 0) -> None:
+    def __init__(
+        self, layers: int = 4, width: int = 16, vocab: int = VOCAB, seed: int = 0, hidden: int | None = None
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(PlainBlock(width) for _ in range(layers))
+        self.blocks = nn.ModuleList(PlainBlock(width, hidden or 4 * width) for _ in range(layers))
         self.head = nn.Linear(width, vocab)
 
     def forward(self, input_ids: Tensor) -> Tensor:

@@ -11,10 +11,22 @@ the base as its hooked ``step`` does, minus the global hooks.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+def init_hook_dicts(optimizer: torch.optim.Optimizer) -> None:
+    """Give ``optimizer`` the hook tables ``Optimizer.__init__`` sets up (a wrapper, whose param
+    groups are its base's, skips that ``__init__``; a copy gets fresh, empty tables)."""
+    optimizer._optimizer_step_pre_hooks = OrderedDict()
+    optimizer._optimizer_step_post_hooks = OrderedDict()
+    optimizer._optimizer_state_dict_pre_hooks = OrderedDict()
+    optimizer._optimizer_state_dict_post_hooks = OrderedDict()
+    optimizer._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    optimizer._optimizer_load_state_dict_post_hooks = OrderedDict()
 
 
 def requires_closure(optimizer: torch.optim.Optimizer) -> bool:

@@ -1,5 +1,6 @@
-"""Mistakes caught when a wrapper is built: arguments of the wrong kind, an optimizer that does
-not train the model, and two live wrappers inhibiting the same modules."""
+"""Who owns what: the wrapper's arguments checked at construction (an optimizer that does not
+train the model among them), its hooks on the model's modules, and a warning when two live
+wrappers would inhibit the same modules."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import L2EConfig
+from .site import SiteRuntime, SiteState, make_hook
 
 # Site module -> the live wrappers hooking it. Weak both ways: a dropped model or wrapper leaves
 # no entry behind, and this table keeps neither alive.
@@ -66,6 +68,31 @@ def claim_sites(owner: Any, modules: Mapping[str, nn.Module]) -> None:
                 stacklevel=3,
             )
         others.add(owner)
+
+
+def attach_hooks(
+    owner: Any, modules: Mapping[str, nn.Module], sites: Mapping[str, SiteState], runtime: SiteRuntime, tap: str
+) -> list[RemovableHandle]:
+    """Hook each site's module for ``owner`` (forward pre-hook for ``tap="input"``)."""
+    handles: list[RemovableHandle] = []
+    for name, site in sites.items():
+        module = modules[name]
+        hook = make_hook(module, site, runtime, tap)
+        if tap == "input":
+            handles.append(module.register_forward_pre_hook(hook))
+        else:
+            handles.append(module.register_forward_hook(hook))
+    claim_sites(owner, {name: modules[name] for name in sites})
+    # A dropped wrapper leaves nothing on the model: the hooks hold it weakly and its
+    # finalizer removes them (the finalizer holds the handles, never the wrapper).
+    weakref.finalize(owner, remove_handles, handles)
+    return handles
+
+
+def detach_hooks(owner: Any, handles: list[RemovableHandle]) -> None:
+    """Remove ``owner``'s hooks from the model (idempotent)."""
+    remove_handles(handles)
+    release_sites(owner)
 
 
 def release_sites(owner: Any) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -13,18 +11,17 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from .amp_forwarding import AmpForwarding
 from .base_state import validate_base_state
-from .base_step import requires_closure, step_without_global_hooks
+from .base_step import init_hook_dicts, requires_closure, step_without_global_hooks
 from .commit import commit_site
 from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
-from .ownership import check_arguments, claim_sites, release_sites, remove_handles
-from .site import SiteRuntime, SiteState, make_hook
+from .ownership import attach_hooks, check_arguments, detach_hooks
+from .site import SiteRuntime, SiteState
 from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_l2e_state
 
 Tap = Literal["input", "output"]
@@ -71,7 +68,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
 
         self._base = base_optimizer
         self._closure_required = requires_closure(base_optimizer)
-        self._init_hook_dicts()
+        init_hook_dicts(self)
         self._patch_step_function()
         self.config = config
         self.process_group = process_group
@@ -80,18 +77,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         self._sites, self._buffers = build_sites(
             modules, names, tap, config.starting_threshold, device, config.statistic_rows
         )
-        self._handles: list[RemovableHandle] = []
-        for name, site in self._sites.items():
-            module = modules[name]
-            hook = make_hook(module, site, self._runtime, tap)
-            if tap == "input":
-                self._handles.append(module.register_forward_pre_hook(hook))
-            else:
-                self._handles.append(module.register_forward_hook(hook))
-        claim_sites(self, {name: modules[name] for name in self._sites})
-        # A dropped wrapper leaves nothing on the model: the hooks hold it weakly and its
-        # finalizer removes them (the finalizer holds the handles, never the wrapper).
-        weakref.finalize(self, remove_handles, self._handles)
+        self._handles = attach_hooks(self, modules, self._sites, self._runtime, tap)
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
     @property
@@ -228,8 +214,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach every hook from the model (idempotent). The state stays readable."""
-        remove_handles(self._handles)
-        release_sites(self)
+        detach_hooks(self, self._handles)
 
     def metrics(self) -> dict[str, float]:
         """Scalars for logging (this is the one method that synchronises with the device)."""
@@ -295,15 +280,6 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
             site.reset_(self.config.starting_threshold)
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _init_hook_dicts(self) -> None:
-        # What Optimizer.__init__ sets up, minus the param groups (those are the base's).
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-
     def __getstate__(self) -> dict[str, Any]:
         """What a deep copy or a pickle holds: the base optimizer and the L2E state, detached.
 
@@ -332,7 +308,7 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         relink_accumulators(self._sites, self._buffers, offsets)
         for buffer in self._buffers.values():
             buffer.zero_()
-        self._init_hook_dicts()
+        init_hook_dicts(self)
         self._patch_step_function()
         self.process_group = None
         self._runtime = SiteRuntime(self.config, self._step_count)

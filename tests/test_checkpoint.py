@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import pathlib
 import pickle
@@ -21,6 +22,7 @@ from conftest import batches
 from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
 from l2e_optim._lab.zoo import stdlib_bytes, tiny_gpt_neox, tiny_llama
 from l2e_optim._src import checkpoint_io
+from l2e_optim._src.checkpoint_io import checksum
 
 torch.set_num_threads(1)
 WARMUP, BEFORE, AFTER = 2, 4, 10
@@ -207,9 +209,14 @@ def read(path: pathlib.Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def rewrite(edit: Callable[[dict[str, Tensor], dict[str, str]], None]) -> Callable[[pathlib.Path, pathlib.Path], None]:
+    """A file edited as a writer would write it: checksums recomputed, so the loader's other
+    checks (not the checksum) must catch the edit."""
+
     def make(good: pathlib.Path, bad: pathlib.Path) -> None:
         tensors, meta = read(good)
         edit(tensors, meta)
+        tensors = {key: t.contiguous() for key, t in tensors.items()}
+        meta["checksums"] = json.dumps({key: checksum(t) for key, t in tensors.items()})
         save_file(tensors, str(bad), metadata=meta)
 
     return make

@@ -5,7 +5,9 @@ and 4). Uses test_checkpoint's real tiny GPT-NeoX runs and files."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +90,8 @@ CASES_2_AND_4: list[tuple[str, Edit, str]] = [
     ("lr-negative", _group("lr", -1.0), "param_groups.0.lr: -1.0 is negative"),
     ("base-lrs-nan", _scheduler("base_lrs", [NAN]), "scheduler.base_lrs.0: nan"),
     ("exp-avg-sq-negative", _tensor(EXP_AVG_SQ, lambda v: -v - 1), "exp_avg_sq: contains negative"),
+    ("exp-avg-sq-zero", _tensor(EXP_AVG_SQ, lambda v: v.zero_()), "exp_avg: exceeds"),
+    ("exp-avg-huge", _tensor("optimizer.state.0.exp_avg", lambda v: v.fill_(1e30)), "exp_avg: exceeds"),
     ("dtype-relabelled", _tensor("optimizer.state.0.exp_avg", lambda v: v.view(torch.int32)), "exp_avg: dtype torch.int32"),
     ("l2e-mean-1e30", _tensor(f"{STAT}.mean", lambda v: v.fill_(1e30)), f"{STAT}.mean: values above"),
     ("threshold-0", _tensor(f"{STAT}.threshold", lambda v: v.zero_()), f"{STAT}.threshold: values below"),
@@ -199,3 +203,29 @@ def test_validation_runs_once_per_load(good: tuple[pathlib.Path, Run], monkeypat
             monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     load_checkpoint(path, target.opt, model=target.model, scheduler=target.sched)
     assert sorted(calls) == ["validate_base_state", "validate_l2e_state"]
+
+
+def test_a_flipped_data_byte_is_caught_by_the_checksum(good: tuple[pathlib.Path, Run], tmp_path: pathlib.Path) -> None:
+    """0.1 -> 0.1000001 passes every value check; only a checksum can tell."""
+    path, target = good
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # the low mantissa bits of the last tensor's last value
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(bad, target.opt, model=target.model, scheduler=target.sched)
+    assert_same(snapshot(target), before)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_the_file_mode_is_torch_saves_under_the_umask(umask: int, mode: int, tmp_path: pathlib.Path) -> None:
+    run = build(CASES[0], seed=0)
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "c.safetensors", run.opt)
+        torch.save({}, tmp_path / "t.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.safetensors").st_mode) == mode
+    assert stat.S_IMODE(os.stat(tmp_path / "t.pt").st_mode) == mode

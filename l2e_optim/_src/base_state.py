@@ -70,12 +70,13 @@ def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Op
     if len(groups) != len(live):
         raise CheckpointError(f"{prefix}param_groups: {len(groups)} groups saved, the optimizer has {len(live)}")
     params: dict[int, Tensor] = {}
+    saved_group: dict[int, Mapping[str, Any]] = {}
     for index, (saved, group) in enumerate(zip(groups, live)):
         where = f"{prefix}param_groups.{index}"
         for pid, param in zip(_param_ids(where, saved, group), group["params"]):
             if pid in params:
                 raise CheckpointError(f"{where}.params: parameter id {pid} is listed twice")
-            params[pid] = param
+            params[pid], saved_group[pid] = param, saved
         _check_group(where, saved, group, type(optimizer).__name__)
     elementwise = isinstance(optimizer, _ELEMENTWISE)
     for pid, entry in state.items():
@@ -87,6 +88,8 @@ def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Op
         where = f"{prefix}state.{pid}"
         _check_state_keys(where, entry, live_state, REQUIRED_STATE.get(type(optimizer), frozenset()))
         _check_param_state(where, entry, params[pid], live_state, elementwise)
+        if isinstance(optimizer, torch.optim.Adam):
+            check_adam_moments(where, entry, saved_group[pid].get("betas"))
     trial_load(optimizer, state_dict, prefix)
 
 
@@ -185,6 +188,29 @@ def _check_state_keys(where: str, entry: Mapping[str, Any], live: Any, required:
         raise CheckpointError(
             f"{where}: lacks {missing} (it has {sorted(map(str, entry))}); was it saved from another "
             "optimizer, or with other options?"
+        )
+
+
+def check_adam_moments(where: str, entry: Mapping[str, Any], betas: Any) -> None:
+    """Adam's first moment is bounded by its second: ``|m| <= c * sqrt(v)`` for every gradient
+    sequence, ``c = (1 - b1) / sqrt((1 - b2) (1 - b1^2 / b2))`` (Cauchy-Schwarz on the two EMAs,
+    when b1^2 < b2). A file breaking it (say v = 0 under m = 1e-3) would make the next update
+    m / (sqrt(v) + eps) explode; such a state cannot come from training.
+    """
+    m, v = entry.get("exp_avg"), entry.get("exp_avg_sq")
+    numbers = numbers_in(betas)
+    if not (isinstance(m, Tensor) and isinstance(v, Tensor) and m.shape == v.shape and numbers and len(numbers) == 2):
+        return
+    b1, b2 = numbers
+    if not 0.0 < b2 < 1.0 or b1 * b1 >= b2:
+        return
+    c = (1.0 - b1) / math.sqrt((1.0 - b2) * (1.0 - b1 * b1 / b2))
+    # Slack for rounding (bf16 state) and for second moments that underflowed to 0.
+    bound = 1.01 * c * v.double().clamp_min(0.0).sqrt() + 1e-20
+    if bool((m.double().abs() > bound).any()):
+        raise CheckpointError(
+            f"{where}.exp_avg: exceeds {c:.3g} * sqrt(exp_avg_sq) somewhere, which no gradient "
+            "sequence produces; the moments are corrupt"
         )
 
 

@@ -1,12 +1,15 @@
 """Reproduce the L2E paper's claims at CPU scale: scale, fkr, compare, threshold (or all).
 
     python -m benchmarks.reproduce EXPERIMENT [EXPERIMENT ...] [--quick] [--out DIR] [--figures DIR]
+        [--data code|english|mixed]
+    python -m benchmarks.reproduce scaling [--quick] [--report] [--out DIR]   (benchmarks/scaling.py)
 
 Results go to ``DIR/<experiment>.json`` (default ``docs/results``), figures to
 ``docs/figures/<experiment>.png``. With ``--quick`` both default to ``runs/reproduce-quick``: a
-quick run never overwrites the committed results and figures. Every run trains Pythia-shaped GPT-NeoX models (random init, byte
-vocabulary) on the embedded corpus (the interpreter's standard-library Python, labelled per
-byte by ``tokenize``) with the demo's ``pretrain.train``; see docs/reproduction.md.
+quick run never overwrites the committed results and figures. Every run trains Pythia-shaped
+GPT-NeoX models (random init, byte vocabulary) on an embedded corpus (``--data``: the
+interpreter's standard-library Python, labelled per byte by ``tokenize``; its English prose, or
+both) with the demo's ``pretrain.train``; see docs/reproduction.md.
 
 1. scale: models of growing width and depth, same tokens; per-layer feature-specific MS and
    the K-S statistic between feature-specific and overall MS.
@@ -32,8 +35,8 @@ import torch
 from torch import nn
 
 from l2e_optim import L2EConfig, L2EWrapper, monosemanticity_scores
-from l2e_optim._lab.corpus import Corpus, batches, load_corpus
-from l2e_optim._lab.python_features import FEATURE_NAMES
+from l2e_optim._lab.corpus import Corpus, batches
+from l2e_optim._lab.prose import DATA_NAMES, load_named
 from l2e_optim._lab.pretrain import Method, RunResult, RunSpec, setup, train
 from l2e_optim._lab.zoo import lm_loss
 
@@ -103,7 +106,7 @@ def scale(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
                     corpus, progress=False)
         phis, labels = probe(run.model, corpus, size)
         cache.setdefault("scale_probes", []).append((width, layers, phis, labels))
-        per_layer = [_probe.layer_summary(phi, labels, len(FEATURE_NAMES)) for phi in phis]
+        per_layer = [_probe.layer_summary(phi, labels, len(corpus.feature_names)) for phi in phis]
         models.append({
             "width": width, "layers": layers,
             "params": sum(p.numel() for p in run.model.parameters()),
@@ -138,7 +141,7 @@ def fkr(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
             "argmin_level": FKR_LEVELS[min(range(len(FKR_LEVELS)), key=mean_curve.__getitem__)],
         })
     synthetic = _probe.planted_fkr(FKR_LEVELS, seed=0, tokens=size.planted_tokens, neurons=size.planted_neurons)
-    return {"levels": FKR_LEVELS, "features": list(FEATURE_NAMES), "scales": per_scale, "planted": synthetic}
+    return {"levels": FKR_LEVELS, "features": list(corpus.feature_names), "scales": per_scale, "planted": synthetic}
 
 
 # -- 3. compare -------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ def _strength_zero_control(corpus: Corpus, size: Size, seed: int) -> float:
 
 def _run_metrics(run: RunResult, corpus: Corpus, size: Size) -> dict[str, Any]:
     phis, labels = probe(run.model, corpus, size)
-    summaries = [_probe.layer_summary(phi, labels, len(FEATURE_NAMES)) for phi in phis]
+    summaries = [_probe.layer_summary(phi, labels, len(corpus.feature_names)) for phi in phis]
     fractions = [v[-1] for v in run.selected_fraction.values()]
     return {
         "val_loss": run.val_loss[-1][1],
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick: {QUICK_FOLDER})")
     parser.add_argument("--figures", default=None, help=f"figures folder (default {FIGURES}; --quick: the results folder)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data", choices=DATA_NAMES, default="code",
+                        help="corpus: code (stdlib Python, tokenize features; the default), english (its "
+                             "docstrings, comments and pydoc topics; 9 byte classes) or mixed (prose vs code)")
     parser.add_argument("--scale-steps", type=int, default=None, help="override the scale models' steps")
     parser.add_argument("--compare-steps", type=int, default=None, help="override the compare runs' steps")
     parser.add_argument("--variants", nargs="+", choices=(*VARIANTS, *EXTRA_VARIANTS), default=None,
@@ -324,13 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     figures = pathlib.Path(args.figures or (out if args.quick else FIGURES))
     out.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(max_bytes=size.corpus_bytes)
+    corpus = load_named(args.data, max_bytes=size.corpus_bytes)
     names = EXPERIMENTS if "all" in args.experiment else tuple(dict.fromkeys(args.experiment))
     for name in names:
         start, start_cpu = time.perf_counter(), time.process_time()
         result = RUNNERS[name](corpus, size, cache)
         result.update(
-            experiment=name, quick=args.quick, size=dataclasses.asdict(size),
+            experiment=name, quick=args.quick, size=dataclasses.asdict(size), data=args.data,
             wall_s=time.perf_counter() - start, cpu_s=time.process_time() - start_cpu,
             machine=_common.machine(), command="python -m benchmarks.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
         )

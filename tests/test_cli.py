@@ -311,3 +311,27 @@ def test_demo_figure_plots_validation_loss_against_adamw() -> None:
     assert [round(v, 6) for v in gaps["l2e"][1]] == [-0.01, 0.02]
     assert [round(v, 6) for v in gaps["memel"][1]] == [0.01, -0.03]
     assert val_loss_gaps({"l2e": curves["l2e"]}) == {}
+
+
+@pytest.mark.parametrize("data", ["english", "mixed"])
+def test_demo_on_builtin_corpora_names_their_features(tmp_path: Path, data: str) -> None:
+    from l2e_optim._lab.prose import ENGLISH_FEATURES, MIXED_FEATURES
+
+    code = main(["demo", *SMOKE, "--methods", "adamw,l2e", "--data", data, "--out", str(tmp_path / "out")])
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    names = list(ENGLISH_FEATURES if data == "english" else MIXED_FEATURES)
+    assert summary["settings"]["features"] == names and summary["settings"]["data"] == [data]
+    for run in summary["runs"].values():
+        assert finite(run["fkr_2pct"])
+        assert set(run["analysis"]["ks"]["mean"]) <= set(names) and run["analysis"]["ks"]["mean"]
+        assert {ex["feature"] for n in run["analysis"]["top_neurons"] for ex in n["examples"]} <= set(names)
+
+
+def test_data_name_loses_to_an_existing_file_of_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from l2e_optim._lab.cli import load_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "english").write_text("only this file. " * 40)
+    corpus = load_data(["english"], max_bytes=10_000)
+    assert corpus.sources == ("english",) and corpus.train_features is None

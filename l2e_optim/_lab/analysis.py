@@ -156,6 +156,7 @@ def analyze(
     top_neurons: int = 8,
     device: str = "cpu",
     render: Callable[[Tensor, int], str] | None = None,
+    feature_names: Sequence[str] = FEATURE_NAMES,
 ) -> Analysis:
     """Per-layer MS, the most monosemantic neurons with their byte contexts, FKR and K-S.
 
@@ -168,6 +169,7 @@ def analyze(
         top_neurons: how many of the most monosemantic neurons to list.
         render: ``render(tokens, position)`` -> the text around a token, the token in brackets
             (default :func:`byte_context`; a tokenizer's decoder for sub-word models).
+        feature_names: what each label means (``Corpus.feature_names``; Python's by default).
     """
     sites = discover_sites(model, "all")
     windows = analysis_windows(tokens, seq_len=seq_len, max_tokens=max_tokens)
@@ -189,7 +191,7 @@ def analyze(
         tops.extend((float(v), name, int(j), phi[:, int(j)]) for v, j in zip(best.values, best.indices))
         if labels is not None:
             fkr[name] = [float(false_killing_rate(phi, labels, ratio=r)) for r in FKR_RATIOS]
-            ks[name] = _ks_by_feature(phi, labels)
+            ks[name] = _ks_by_feature(phi, labels, feature_names)
     tops.sort(key=lambda item: -item[0])
     return Analysis(
         tokens=int(used.numel()),
@@ -197,11 +199,11 @@ def analyze(
         layers=layers,
         neuron_scores={name: s.tolist() for name, s in per_neuron.items()},
         top_neurons=[
-            _neuron_examples(s, name, j, col, used, labels, render or byte_context)
+            _neuron_examples(s, name, j, col, used, labels, render or byte_context, feature_names)
             for s, name, j, col in tops[:top_neurons]
         ],
         fkr=None if labels is None else {"ratios": list(FKR_RATIOS), "per_site": fkr, "mean": _column_means(fkr)},
-        ks=None if labels is None else {"per_site": ks, "mean": _feature_means(ks)},
+        ks=None if labels is None else {"per_site": ks, "mean": _feature_means(ks, feature_names)},
     )
 
 
@@ -217,9 +219,9 @@ def _layer_row(name: str, index: int, phi: Tensor, scores: Tensor, high_cut: flo
     }
 
 
-def _ks_by_feature(phi: Tensor, labels: Tensor) -> dict[str, float]:
+def _ks_by_feature(phi: Tensor, labels: Tensor, feature_names: Sequence[str]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for index, feature in enumerate(FEATURE_NAMES):
+    for index, feature in enumerate(feature_names):
         rows = labels == index
         if bool(rows.any()):
             out[feature] = float(ks_statistic(phi[rows], phi))
@@ -234,6 +236,7 @@ def _neuron_examples(
     used: Tensor,
     labels: Tensor | None,
     render: Callable[[Tensor, int], str],
+    feature_names: Sequence[str],
     k: int = 3,
 ) -> dict[str, Any]:
     """A neuron and the byte contexts of its ``k`` highest-scoring tokens."""
@@ -244,7 +247,7 @@ def _neuron_examples(
             {
                 "ms": float(value),
                 "context": render(used, p),
-                "feature": None if labels is None else FEATURE_NAMES[int(labels[p])],
+                "feature": None if labels is None else feature_names[int(labels[p])],
             }
         )
     return {"site": site, "neuron": neuron, "neuron_ms": score, "examples": examples}
@@ -265,9 +268,9 @@ def _column_means(per_site: dict[str, list[float]]) -> list[float]:
     return [sum(col) / len(col) for col in zip(*rows)] if rows else []
 
 
-def _feature_means(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+def _feature_means(per_site: dict[str, dict[str, float]], feature_names: Sequence[str]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for feature in FEATURE_NAMES:
+    for feature in feature_names:
         values = [d[feature] for d in per_site.values() if feature in d]
         if values:
             out[feature] = sum(values) / len(values)

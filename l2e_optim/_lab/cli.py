@@ -20,7 +20,8 @@ import torch
 
 from .analysis import analyze
 from .._src.config import L2EConfig
-from .corpus import DataError, load_corpus
+from .corpus import Corpus, DataError, load_corpus
+from .prose import DATA_NAMES, load_named
 from .._src.discovery import SiteDiscoveryError, discover_sites
 from .interrupt import StepBoundaryInterrupt, StopRequested
 from .model_io import InputError, load_causal_lm, load_tokenizer, tokenize_bytes, token_renderer
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="pretrain GPT-NeoX with AdamW, L2E and MEmeL and compare")
     demo.add_argument("--data", action="append", metavar="PATH",
-                      help="text files or folders (repeatable); default: this Python's standard library")
+                      help=f"text files or folders (repeatable), or one built-in corpus: {DATA_HELP}")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200)")
     demo.add_argument("--model", default="tiny", help=f"model shape: {', '.join(MODEL_SHAPES)}")
     demo.add_argument("--width", type=int, default=None, help="override the shape's hidden size")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ana = sub.add_parser("analyze", help="monosemanticity analysis of a local causal LM")
     ana.add_argument("target", metavar="MODEL_DIR_OR_CHECKPOINT",
                      help="a folder with config.json and weights, or a .safetensors file beside a config.json")
-    ana.add_argument("--data", action="append", metavar="PATH", help="text files or folders (default: stdlib)")
+    ana.add_argument("--data", action="append", metavar="PATH",
+                     help=f"text files or folders (repeatable), or one built-in corpus: {DATA_HELP}")
     ana.add_argument("--seq-len", type=int, default=128, help="bytes per analysis window")
     ana.add_argument("--tokens", type=int, default=8192, help="tokens analysed (bytes, or tokenizer tokens)")
     ana.add_argument("--top", type=int, default=8, help="most monosemantic neurons listed")
@@ -68,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="corpus size cap in bytes (default 1,000,000: the demo's split)")
     _common(ana, None)
     return parser
+
+
+DATA_HELP = ("code (this Python's standard library, the default), english (its docstrings, comments and "
+             "pydoc topics) or mixed (both; features prose / code)")
+
+
+def load_data(data: Sequence[str] | None, *, max_bytes: int) -> Corpus:
+    """``--data``: one built-in corpus name (:data:`DATA_NAMES`, unless a file of that name
+    exists: then the file), else the user's files and folders (``None``: the code corpus)."""
+    if data is not None and len(data) == 1 and data[0] in DATA_NAMES and not Path(data[0]).exists():
+        return load_named(data[0], max_bytes=max_bytes)
+    return load_corpus(data, max_bytes=max_bytes)
 
 
 def _common(parser: argparse.ArgumentParser, out: str | None) -> None:
@@ -172,7 +186,7 @@ def _demo(
     specs = demo_specs(args)
     check_writable(out)
     max_bytes = _pick(args.max_bytes, SMOKE["max_bytes"] if args.smoke else None, 1_000_000, "--max-bytes")
-    corpus = load_corpus(args.data, max_bytes=max_bytes)
+    corpus = load_data(args.data, max_bytes=max_bytes)
     if corpus.val.numel() < specs[0].seq_len + 2:
         raise InputError(f"the validation split has {corpus.val.numel()} bytes, fewer than one window; "
                          "give more text or a smaller --seq-len.")
@@ -252,7 +266,7 @@ def demo_summary(
     for method, run in results.items():
         inhibited = discover_sites(run.model, L2EConfig().layers)
         found = analyze(run.model, corpus.val, corpus.val_features, seq_len=run.spec.seq_len,
-                        max_tokens=analysis_tokens, device=run.spec.device)
+                        max_tokens=analysis_tokens, device=run.spec.device, feature_names=corpus.feature_names)
         tail = run.train_loss[-max(1, len(run.train_loss) // 10):]
         train_loss = sum(tail) / len(tail)
         val_loss = run.val_loss[-1][1]
@@ -279,7 +293,8 @@ def demo_summary(
     spec = next(iter(results.values())).spec
     return {
         "settings": {**{k: v for k, v in vars(spec).items() if k not in ("method", "l2e")},
-                     "data": args.data or "stdlib", "sources": len(sources), "train_bytes": corpus.train.numel(),
+                     "data": args.data or "code", "sources": len(sources), "train_bytes": corpus.train.numel(),
+                     "features": list(corpus.feature_names),
                      "threads": torch.get_num_threads()},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "cpus": _cpus()},
@@ -325,7 +340,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
     model.to(torch.device(args.device))
-    corpus = load_corpus(args.data, max_bytes=args.max_bytes)
+    corpus = load_data(args.data, max_bytes=args.max_bytes)
     tokens = corpus.val if corpus.val.numel() >= args.seq_len else corpus.train
     features = corpus.val_features if tokens is corpus.val else corpus.train_features
     tokenizer = load_tokenizer(Path(args.target))
@@ -334,7 +349,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         tokens, features = tokenize_bytes(tokenizer, tokens, features, max_bytes=16 * args.tokens)
         render = token_renderer(tokenizer)
     found = analyze(model, tokens, features, seq_len=args.seq_len, max_tokens=args.tokens,
-                    top_neurons=args.top, device=args.device, render=render)
+                    top_neurons=args.top, device=args.device, render=render, feature_names=corpus.feature_names)
     unit = "bytes" if tokenizer is None else "tokenizer tokens"
     result = {"target": str(args.target), "token_unit": unit, **found.to_dict()}
     write_json(out / "analysis.json", result)

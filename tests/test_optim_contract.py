@@ -39,7 +39,11 @@ vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = _flags_were_free
 from l2e_optim import L2EConfig, L2EWrapper  # noqa: E402
 
 INFOS = {info.name: info for info in optim_db}
-MODES = {"none": L2EConfig(inhibition="none"), "l2e": L2EConfig(warmup_steps=0, strength=0.05)}
+MODES = {
+    "none": L2EConfig(inhibition="none"),
+    "strength0": L2EConfig(warmup_steps=0, strength=0.0),
+    "l2e": L2EConfig(warmup_steps=0, strength=0.05),
+}
 VOCAB, WIDTH = 32, 8
 
 
@@ -74,10 +78,17 @@ def trainable(info: OptimizerInfo, model: Tiny) -> list[nn.Parameter]:
     return list(model.parameters())
 
 
-def build(info: OptimizerInfo, kwargs: dict[str, Any], mode: str | None) -> tuple[Tiny, torch.optim.Optimizer]:
-    """A fresh model and its optimizer: bare (``mode=None``) or wrapped in mode ``mode``."""
+def build(
+    info: OptimizerInfo, kwargs: dict[str, Any], mode: str | None, named: bool = False
+) -> tuple[Tiny, torch.optim.Optimizer]:
+    """A fresh model and its optimizer: bare (``mode=None``) or wrapped in mode ``mode``; built
+    on ``(name, param)`` pairs if ``named`` (torch stores ``param_names`` in the groups then)."""
     model = Tiny(sparse=info.only_supports_sparse_grads)
-    base = info.optim_cls(trainable(info, model), **copy.deepcopy(kwargs))
+    params: list[Any] = trainable(info, model)
+    if named:
+        names = {id(p): name for name, p in model.named_parameters()}
+        params = [(names[id(p)], p) for p in params]
+    base = info.optim_cls(params, **copy.deepcopy(kwargs))
     if mode is None:
         return model, base
     return model, L2EWrapper(base, model, config=MODES[mode], sites=["mlp.2"])
@@ -146,14 +157,15 @@ def optimizers(*, closure: bool | None = None) -> list[Any]:
     return [pytest.param(name, id=name) for name, info in INFOS.items() if closure is None or info.step_requires_closure == closure]
 
 
-# -- the core promise: mode "none" is the bare optimizer, bit for bit ----------------------------
+# -- the core promise: mode "none" (and strength 0) is the bare optimizer, bit for bit -----------
 @pytest.mark.parametrize("variants", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "variants"])
+@pytest.mark.parametrize("mode", ["none", "strength0"])
 @pytest.mark.parametrize("name", optimizers())
-def test_mode_none_is_bit_equal_to_the_bare_optimizer(name: str, variants: bool) -> None:
+def test_mode_none_is_bit_equal_to_the_bare_optimizer(name: str, mode: str, variants: bool) -> None:
     info = INFOS[name]
     for kwargs in inputs(info, variants):
         bare_model, bare = build(info, kwargs, None)
-        model, opt = build(info, kwargs, "none")
+        model, opt = build(info, kwargs, mode)
         expected = train(bare_model, bare, info, 4, skip=2)
         got = train(model, opt, info, 4, skip=2)
         assert_identical(got, expected)
@@ -199,6 +211,23 @@ def test_state_dict_resume_is_deterministic(name: str) -> None:
         # Repeated parameters have identical representations (pytorch#36831).
         opt_c.param_groups.extend(opt_c.param_groups)
         assert opt.state_dict()["param_groups"][-1] == opt_c.state_dict()["param_groups"][-1]
+
+
+@pytest.mark.parametrize("named", [(True, False), (False, True), (True, True)], ids=["named-to-plain", "plain-to-named", "named"])
+@pytest.mark.parametrize("name", optimizers())
+def test_state_dict_loads_between_named_and_plain_parameters(name: str, named: tuple[bool, bool]) -> None:
+    info = INFOS[name]
+    kwargs = next(inputs(info, False))
+    model, opt = build(info, kwargs, "l2e", named=named[0])
+    train(model, opt, info, 2)
+    model_c, opt_c = build(info, kwargs, "l2e", named=named[1])
+    model_c.load_state_dict(model.state_dict())
+    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, info, 2)
+    train(model_c, opt_c, info, 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_c.parameters()))
+    expected = [n for n, p in model.named_parameters() if any(p is q for q in trainable(info, model))]
+    assert opt_c.state_dict()["param_groups"][0].get("param_names", expected) == expected
 
 
 @pytest.mark.parametrize("name", optimizers())

@@ -128,7 +128,9 @@ def _param_ids(where: str, saved: Mapping[str, Any], group: Mapping[str, Any]) -
 
 
 def _check_group(where: str, saved: Mapping[str, Any], live: Mapping[str, Any], kind: str) -> None:
-    needed = set(live) - _FLAGS - {"params", "initial_lr"}
+    # param_names: present when the optimizer was built on named_parameters(); optional both
+    # ways (torch loads named into plain and plain into named), and names, not numbers.
+    needed = set(live) - _FLAGS - {"params", "initial_lr", "param_names"}
     missing = sorted(needed - set(saved))
     if missing:
         raise CheckpointError(
@@ -136,6 +138,10 @@ def _check_group(where: str, saved: Mapping[str, Any], live: Mapping[str, Any], 
             "was it saved from another optimizer?"
         )
     for key, value in saved.items():
+        if key == "param_names":
+            if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+                raise CheckpointError(f"{where}.param_names: expected a list of names, got {value!r}")
+            continue
         if key == "params":
             continue
         _check_hyper(f"{where}.{key}", key, value, live.get(key))

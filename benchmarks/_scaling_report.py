@@ -20,6 +20,9 @@ from ._scaling_run import Plan, jobs
 
 METRICS = ("val_loss", "feature_specific_ms", "ks", "high_ms_share", "fkr_2pct")
 LOSS_ARMS = ("l2e", "random", "memel")
+#: One colour and a small horizontal offset per arm, the same in every panel (bars do not overlap).
+STYLE = {"adamw": ("gray", 0.94), "l2e": ("C0", 0.97), "random": ("C1", 1.0), "memel": ("C2", 1.03),
+         "L2E - random": ("k", 1.0)}
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
@@ -168,7 +171,7 @@ def figure(summary: dict[str, Any], path: pathlib.Path) -> None:
         x = [s["non_embedding_params"] for s in sizes]
         for arm in LOSS_ARMS:
             _errorbar(axes[0][col], x, [s["arms"][arm]["d_loss_vs_adamw"] for s in sizes], arm)
-        _errorbar(axes[1][col], x, [s["monosemantic_specific"] for s in sizes], "L2E - random", color="k")
+        _errorbar(axes[1][col], x, [s["monosemantic_specific"] for s in sizes], "L2E - random")
         for arm in summary["arms"]:
             _errorbar(axes[2][col], x, [s["arms"][arm]["feature_specific_ms"] for s in sizes], arm)
         titles = (f"{corpus}: val loss - AdamW (paired by seed)", f"{corpus}: monosemantic-specific gain",
@@ -184,8 +187,9 @@ def figure(summary: dict[str, Any], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _errorbar(ax: Any, x: list[int], stats: list[dict[str, Any]], label: str, color: str | None = None) -> None:
+def _errorbar(ax: Any, x: list[int], stats: list[dict[str, Any]], label: str) -> None:
+    color, shift = STYLE[label]
     pts = [(xi, s["mean"], s["std"]) for xi, s in zip(x, stats) if s["mean"] is not None and math.isfinite(s["mean"])]
     if pts:
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
-                    label=label, color=color)
+        ax.errorbar([p[0] * shift for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
+                    capsize=3, label=label, color=color)

@@ -149,7 +149,6 @@ def _resume(ckpt: pathlib.Path, run: RunResult, log: Callable[[str], None], job:
 def _save(ckpt: pathlib.Path, run: RunResult, state: dict[str, Any], cpu_since_start: float) -> None:
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
     meta = {**state, "cpu_s": state["cpu_s"] + cpu_since_start, "rng": rng}
-    meta["resumed_from"] = state["resumed_from"]
     save_checkpoint(ckpt, run.optimizer, model=run.model, scheduler=run.scheduler, metadata=meta)
 
 

@@ -201,7 +201,7 @@ def ddp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
     }
     # Per-position statistics (and the tail row: SEQ - 1 = 16 positions, 8 rows of their own)
     # still go through the one all-reduce of the step.
-    model = DDP(OddLM())
+    model = DDP(odd_lm())
     opt = make_opt(model, PER_POSITION_CONFIG)
     with AllReduceCounter() as counter:
         train(model, opt, odd_loss, data[:PER_POSITION_STEPS], rank, WORLD)
@@ -437,7 +437,7 @@ def test_ddp_gradient_accumulation_under_no_sync(ddp_ranks: list[dict[str, Any]]
 
 
 def test_ddp_per_position_statistics_match_single_process(ddp_ranks: list[dict[str, Any]]) -> None:
-    reference = OddLM()
+    reference = odd_lm()
     opt, _ = single_process(reference, odd_loss, PER_POSITION_STEPS, PER_POSITION_CONFIG)
     r0, r1 = (rank["per_position"] for rank in ddp_ranks)
     assert_l2e_equal(r0["l2e"], r1["l2e"])

@@ -229,3 +229,26 @@ def test_the_file_mode_is_torch_saves_under_the_umask(umask: int, mode: int, tmp
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "c.safetensors").st_mode) == mode
     assert stat.S_IMODE(os.stat(tmp_path / "t.pt").st_mode) == mode
+
+
+def _read_every_state_tensor(run: Run) -> None:
+    snapshot(run)  # touches every byte of the state
+
+
+def test_loaded_state_does_not_view_the_file(tmp_path: pathlib.Path) -> None:
+    """The loaded tensors viewed the memory-mapped file: rewriting it in place (a copy over it,
+    a truncation) then crashed training with SIGBUS. Checked in a forked child, which may crash."""
+    import multiprocessing
+
+    source = build(CASES[0], seed=0)
+    train(source, data(2))
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, source.opt, model=source.model, scheduler=source.sched)
+    target = build(CASES[0], seed=1)
+    load_checkpoint(path, target.opt, model=target.model, scheduler=target.sched)
+    with open(path, "r+b") as file:
+        file.truncate(16)
+    child = multiprocessing.get_context("fork").Process(target=_read_every_state_tensor, args=(target,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0, f"reading the loaded state crashed the process (exit code {child.exitcode})"

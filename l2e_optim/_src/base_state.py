@@ -69,8 +69,8 @@ def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Op
     live = optimizer.param_groups
     if len(groups) != len(live):
         raise CheckpointError(f"{prefix}param_groups: {len(groups)} groups saved, the optimizer has {len(live)}")
-    params: dict[int, Tensor] = {}
-    saved_group: dict[int, Mapping[str, Any]] = {}
+    params: dict[int | str, Tensor] = {}
+    saved_group: dict[int | str, Mapping[str, Any]] = {}
     for index, (saved, group) in enumerate(zip(groups, live)):
         where = f"{prefix}param_groups.{index}"
         for pid, param in zip(_param_ids(where, saved, group), group["params"]):
@@ -80,7 +80,9 @@ def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Op
         _check_group(where, saved, group, type(optimizer).__name__)
     elementwise = isinstance(optimizer, _ELEMENTWISE)
     for pid, entry in state.items():
-        if not isinstance(pid, int) or pid not in params:
+        if pid not in params:
+            if isinstance(pid, int):  # a parameter's entry whose parameter no group lists
+                raise CheckpointError(f"{prefix}state.{pid}: state for a parameter id that no group lists")
             continue  # Optimizer.load_state_dict keeps entries not keyed by a parameter as they are
         if not isinstance(entry, Mapping):
             raise CheckpointError(f"{prefix}state.{pid}: expected a dict, got {type(entry).__name__}")
@@ -113,7 +115,7 @@ def trial_load(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], 
         ) from error
 
 
-def _param_ids(where: str, saved: Mapping[str, Any], group: Mapping[str, Any]) -> list[int]:
+def _param_ids(where: str, saved: Mapping[str, Any], group: Mapping[str, Any]) -> list[int | str]:
     ids = saved.get("params")
     if not isinstance(ids, list) or len(ids) != len(group["params"]):
         count = len(ids) if isinstance(ids, list) else ids
@@ -122,8 +124,9 @@ def _param_ids(where: str, saved: Mapping[str, Any], group: Mapping[str, Any]) -
             f"{len(group['params'])}; was it saved from another model?"
         )
     for pid in ids:
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
-            raise CheckpointError(f"{where}.params: parameter ids must be integers >= 0, got {pid!r}")
+        # torch numbers parameters 0, 1, ...; torch.distributed.checkpoint passes their FQNs.
+        if not (isinstance(pid, str) or (isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0)):
+            raise CheckpointError(f"{where}.params: parameter ids must be integers >= 0 or names, got {pid!r}")
     return ids
 
 

@@ -54,7 +54,10 @@ def read_file(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
             header = file.metadata()
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            # Cloned: get_tensor's tensors view the memory-mapped file, and the loaded state would
+            # keep viewing it (AdamW keeps a tensor of the right dtype as it is): a later in-place
+            # rewrite or truncation of the file would then crash training with SIGBUS.
+            tensors = {key: file.get_tensor(key).clone() for key in file.keys()}
     except Exception as error:  # SafetensorError and friends: corrupt or truncated data
         raise CheckpointError(f"header: not a valid safetensors file, truncated or corrupt ({error})") from error
     header = dict(header or {})

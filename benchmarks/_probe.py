@@ -14,14 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l2e_optim import false_killing_rate, monosemanticity_scores, neuron_features
+from l2e_optim import L2EWrapper, false_killing_rate, monosemanticity_scores, neuron_features, position_shares
+from l2e_optim._lab.analysis import position_selection
 from l2e_optim._src.discovery import discover_sites
+from l2e_optim._src.selection import retrieve
 
 #: A neuron is "high-MS" when its mean MS over the tokens of its own feature is at least this
 #: many times its mean MS over all tokens (which is about 1): its deviations concentrate on it.
 HIGH_MS = 3.0
 #: The K-S statistic compares at most this many values per side (a fixed-seed subsample).
 KS_SAMPLE = 200_000
+#: Position diagnostics: leading positions that get their own share (the rest are pooled).
+POSITION_FIRST = 4
 
 
 def probe_windows(tokens: Tensor, features: Tensor, *, count: int, seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -55,6 +59,32 @@ def mlp_activations(model: nn.Module, ids: Tensor, batch: int = 16) -> list[Tens
             handle.remove()
         model.train(was_training)
     return [torch.cat(store[name]) for name in names]
+
+
+def position_metrics(model: nn.Module, zs: list[Tensor], windows: int, optimizer: object) -> dict[str, list[float]]:
+    """Share of selected values at each of the first ``POSITION_FIRST`` positions, then the rest,
+    averaged over layers: the top 2% of probe scores under pooled and under per-position probe
+    statistics (every block), and, for a wrapped run, the method's own selection on the probe
+    windows with its final statistics, threshold and retrieval (its sites)."""
+    z3s = dict(zip(discover_sites(model, "all"), (z.reshape(windows, -1, z.shape[-1]) for z in zs)))
+    probed = [s for s in (position_selection(z, first=POSITION_FIRST) for z in z3s.values()) if s is not None]
+    out = {kind: mean_lists([s[kind] for s in probed]) for kind in ("pooled", "per_position")}
+    if isinstance(optimizer, L2EWrapper):
+        config = optimizer.config
+        own = []
+        for name, site in optimizer.sites.items():
+            z3 = z3s[name.removeprefix("_orig_mod.")]
+            phi = monosemanticity_scores(z3, site.mean, site.var, eps=config.eps,
+                                         count=None if site.rows is None else site.count)
+            picked = retrieve(phi.reshape(-1, z3.shape[-1]), config.resolved_retrieval, site.threshold,
+                              config.ratio, config.memel_topk, z3.shape[0], None)
+            own.append([float(x) for x in position_shares(picked.reshape(z3.shape), POSITION_FIRST)])
+        out["method"] = mean_lists(own)
+    return out
+
+
+def mean_lists(rows: list[list[float]]) -> list[float]:
+    return [sum(col) / len(col) for col in zip(*rows)] if rows else []
 
 
 def probe_scores(z: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from l2e_optim._lab.pretrain import Method, RunResult, RunSpec, setup, train
 from l2e_optim._lab.zoo import lm_loss
 
 from . import _common, _probe
+from ._variants import EXTRA_VARIANTS, VARIANTS
 
 EXPERIMENTS = ("scale", "fkr", "compare", "threshold")
 FKR_LEVELS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.1]
@@ -91,11 +92,16 @@ def spec(size: Size, method: Method, *, steps: int, width: int, layers: int, see
 
 def probe(model: nn.Module, corpus: Corpus, size: Size) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-layer MS of the model's MLP neurons on fixed validation windows, and token features."""
+    zs, labels = probe_activations(model, corpus, size)
+    return [_probe.probe_scores(z) for z in zs], labels
+
+
+def probe_activations(model: nn.Module, corpus: Corpus, size: Size) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per block, the MLP activations ``[tokens, N]`` on fixed validation windows, and token features."""
     assert corpus.val_features is not None, "the corpus has no feature labels (not Python text)"
     ids, labels = _probe.probe_windows(corpus.val, corpus.val_features, count=size.probe_windows,
                                        seq_len=size.seq, seed=1234)
-    phis = [_probe.probe_scores(z) for z in _probe.mlp_activations(model, ids)]
-    return phis, labels.reshape(-1)
+    return _probe.mlp_activations(model, ids), labels.reshape(-1)
 
 
 # -- 1. scale ---------------------------------------------------------------------------------
@@ -145,32 +151,14 @@ def fkr(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- 3. compare -------------------------------------------------------------------------------
-VARIANTS: dict[str, tuple[Method, dict[str, Any]]] = {
-    "adamw": ("adamw", {}),
-    "l2e": ("l2e", {}),
-    "memel": ("memel", {}),
-    "l2e/batch-topk": ("l2e", {"retrieval": "batch-topk"}),
-    "memel/threshold": ("memel", {"retrieval": "threshold"}),
-    "l2e/ratio-1%": ("l2e", {"ratio": 0.01}),
-    "l2e/ratio-3%": ("l2e", {"ratio": 0.03}),
-    "l2e/mid-third": ("l2e", {"layers": "mid-third"}),
-    "l2e/all": ("l2e", {"layers": "all"}),
-}
-#: Selectable with --variants only (not part of the default compare).
-EXTRA_VARIANTS: dict[str, tuple[Method, dict[str, Any]]] = {
-    "l2e/strength-1e-4": ("l2e", {"strength": 1e-4}),
-    "l2e/strength-1e-2": ("l2e", {"strength": 1e-2}),
-    # The control: the same penalty on a random 2% of values, blind to monosemanticity.
-    "l2e/random": ("l2e", {"retrieval": "random"}),
-}
-
-
 def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
     names = cache.get("variants", list(VARIANTS))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for seed in size.seeds:  # seed-major: every variant of a seed runs close together in time
         for name in names:
             method, options = {**VARIANTS, **EXTRA_VARIANTS}[name]
+            if options.get("statistics") == "per-position":  # one row per position of the windows
+                options = {**options, "max_positions": size.seq}
             config = None if method == "adamw" else L2EConfig(inhibition=method, warmup_steps=size.warmup_steps, **options)
             run = train(spec(size, method, steps=size.compare_steps, width=size.compare_width,
                              layers=size.compare_layers, seed=seed, l2e=config), corpus, progress=False)
@@ -181,7 +169,7 @@ def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]
     )
     base_time = [r["median_step_s"] for r in runs["adamw"]]
     base_loss = [r["val_loss"] for r in runs["adamw"]]
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for name, rs in runs.items():
         table[name] = {
             key: _mean_std([r[key] for r in rs])
@@ -189,6 +177,9 @@ def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]
         }
         table[name]["val_loss_delta_vs_adamw"] = _mean_std([r["val_loss"] - b for r, b in zip(rs, base_loss)])
         table[name]["step_time_ratio"] = _mean_std([r["median_step_s"] / b for r, b in zip(rs, base_time)])
+        table[name]["position_shares"] = {
+            kind: _probe.mean_lists([r["position_shares"][kind] for r in rs]) for kind in rs[0]["position_shares"]
+        }
     return {"steps": size.compare_steps, "width": size.compare_width, "layers": size.compare_layers,
             "seeds": list(size.seeds), "variants": table, "runs": runs,
             "checks": {"strength0_val_loss_equals_adamw": True}}
@@ -203,7 +194,8 @@ def _strength_zero_control(corpus: Corpus, size: Size, seed: int) -> float:
 
 
 def _run_metrics(run: RunResult, corpus: Corpus, size: Size) -> dict[str, Any]:
-    phis, labels = probe(run.model, corpus, size)
+    zs, labels = probe_activations(run.model, corpus, size)
+    phis = [_probe.probe_scores(z) for z in zs]
     summaries = [_probe.layer_summary(phi, labels, len(corpus.feature_names)) for phi in phis]
     fractions = [v[-1] for v in run.selected_fraction.values()]
     return {
@@ -214,6 +206,7 @@ def _run_metrics(run: RunResult, corpus: Corpus, size: Size) -> dict[str, Any]:
         "per_layer_feature_specific_ms": [s["feature_specific_ms"] for s in summaries],
         "median_step_s": statistics.median(run.step_seconds[1:] or run.step_seconds),
         "selected_fraction": statistics.fmean(fractions) if fractions else 0.0,
+        "position_shares": _probe.position_metrics(run.model, zs, size.probe_windows, run.optimizer),
     }
 
 

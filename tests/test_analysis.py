@@ -12,6 +12,7 @@ from l2e_optim._lab.analysis import (
     ks_statistic,
     layer_scores,
     neuron_ms,
+    position_selection,
 )
 
 
@@ -62,3 +63,18 @@ def test_byte_context_brackets_the_byte() -> None:
     assert byte_context(tokens, 6, before=4, after=3) == "f fo[o](x)"
     assert byte_context(tokens, 0, before=4, after=2) == "[d]ef"
     assert byte_context(tokens, 11, before=2, after=2) == "):[\\n]  "
+
+
+def test_position_selection_separates_an_offset_first_position() -> None:
+    # Position 0 sits 4 sigma off every neuron's mean, with its own (small) spread: pooled
+    # statistics spend most of the top 2% on it, per-position statistics about its 1/16 share.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 16, 32, generator=g)
+    z[:, 0] = 4.0 + 0.5 * torch.randn(200, 32, generator=g)
+    shares = position_selection(z, ratio=0.02, first=2)
+    assert shares is not None
+    pooled, separate = shares["pooled"], shares["per_position"]
+    assert len(pooled) == len(separate) == 3 and abs(sum(pooled) - 1) < 1e-9
+    assert pooled[0] > 0.9
+    assert separate[0] < 0.15 and separate[2] > 0.75
+    assert position_selection(z[:1]) is None  # one window: no per-position variance

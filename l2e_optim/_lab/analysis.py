@@ -28,13 +28,15 @@ from torch import Tensor, nn
 from .corpus import DataError
 from .python_features import FEATURE_NAMES
 from .._src.discovery import discover_sites
-from .._src.metrics import false_killing_rate
+from .._src.metrics import false_killing_rate, position_shares
 from .._src.selection import monosemanticity_scores
 
 TOP_FRACTION = 0.01
 HIGH_MS_FACTOR = 2.0  # twice a Gaussian neuron's score: clearly heavier-tailed than noise
 FKR_RATIOS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 EPS = 0.01  # MEmeL's variance compensation, as in L2EConfig's default
+POSITION_FIRST = 4  # leading positions that get their own share in the position diagnostic
+POSITION_RATIO = 0.02  # the share of values the position diagnostic selects (L2E's default ratio)
 
 
 def gaussian_neuron_ms(top_fraction: float = TOP_FRACTION) -> float:
@@ -103,6 +105,31 @@ def collect_activations(
     return {name: torch.cat(parts) for name, parts in captured.items()}
 
 
+def position_selection(
+    z: Tensor, *, ratio: float = POSITION_RATIO, first: int = POSITION_FIRST, eps: float = EPS
+) -> dict[str, list[float]] | None:
+    """Where the top ``ratio`` of the values sit by position, under pooled and per-position statistics.
+
+    ``z`` is ``[windows, seq, N]``. Each value is scored against the statistics of ``z`` itself,
+    once pooled per neuron (as :func:`layer_scores`) and once per (position, neuron); the values
+    with the highest ``ratio`` of scores are selected, and :func:`position_shares` says which share
+    of them sits at each of the ``first`` leading positions and at all later ones. Returns None with
+    fewer than two windows (no per-position variance).
+    """
+    if z.shape[0] < 2:
+        return None
+    z = z.float()
+    pooled = layer_scores(rearrange(z, "w t n -> (w t) n"), eps).reshape(z.shape)
+    per_position = monosemanticity_scores(z, z.mean(0), z.var(0, unbiased=True), eps=eps)
+    return {"pooled": _top_shares(pooled, ratio, first), "per_position": _top_shares(per_position, ratio, first)}
+
+
+def _top_shares(phi: Tensor, ratio: float, first: int) -> list[float]:
+    k = max(1, math.ceil(ratio * phi.numel()))
+    kth = torch.topk(phi.flatten(), k).values[-1]
+    return [float(x) for x in position_shares(phi >= kth, first)]
+
+
 def analysis_windows(tokens: Tensor, *, seq_len: int, max_tokens: int) -> Tensor:
     """Contiguous, non-overlapping ``[n, seq_len]`` windows from the start of ``tokens``."""
     n = min(tokens.numel(), max_tokens) // seq_len
@@ -125,6 +152,7 @@ class Analysis:
     top_neurons: list[dict[str, Any]]
     fkr: dict[str, Any] | None
     ks: dict[str, Any] | None
+    positions: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (neuron scores included, for plots)."""
@@ -158,7 +186,8 @@ def analyze(
     render: Callable[[Tensor, int], str] | None = None,
     feature_names: Sequence[str] = FEATURE_NAMES,
 ) -> Analysis:
-    """Per-layer MS, the most monosemantic neurons with their byte contexts, FKR and K-S.
+    """Per-layer MS, the most monosemantic neurons with their byte contexts, FKR, K-S, and where
+    the top 2% of values sit by position under pooled and per-position statistics.
 
     Args:
         model: a causal LM taking ``input_ids`` (byte token ids here).
@@ -182,7 +211,11 @@ def analyze(
     fkr: dict[str, list[float]] = {}
     ks: dict[str, dict[str, float]] = {}
     tops: list[tuple[float, str, int, Tensor]] = []
+    positions: dict[str, dict[str, list[float]]] = {}
     for index, name in enumerate(sites):
+        by_position = position_selection(acts[name].reshape(*windows.shape, -1))
+        if by_position is not None:
+            positions[name] = by_position
         phi = layer_scores(acts[name])  # [tokens, N]
         scores = neuron_ms(phi)
         per_neuron[name] = scores
@@ -204,6 +237,11 @@ def analyze(
         ],
         fkr=None if labels is None else {"ratios": list(FKR_RATIOS), "per_site": fkr, "mean": _column_means(fkr)},
         ks=None if labels is None else {"per_site": ks, "mean": _feature_means(ks, feature_names)},
+        positions=None if not positions else {
+            "first": POSITION_FIRST, "ratio": POSITION_RATIO, "per_site": positions,
+            "mean": {kind: _column_means({n: p[kind] for n, p in positions.items()})
+                     for kind in ("pooled", "per_position")},
+        },
     )
 
 

@@ -92,6 +92,15 @@ def analysis_table(result: dict[str, Any]) -> str:
         parts.append(format_table(header, rows))
         ks = result["ks"]["mean"]
         parts.append(format_table(["feature", "K-S (feature vs all), mean over layers"], list(ks.items())))
+    positions = result.get("positions")
+    if positions is not None:
+        first = positions["first"]
+        header = ["site", "statistics"] + [f"pos {t}" for t in range(first)] + [f"pos >= {first}"]
+        rows = [[name, kind.replace("_", "-")] + shares[kind]
+                for name, shares in [*positions["per_site"].items(), ("mean", positions["mean"])]
+                for kind in ("pooled", "per_position")]
+        parts.append(f"Share of the top {100 * positions['ratio']:g}% of values at each position:\n"
+                     + format_table(header, rows))
     neuron_rows = [
         [n["site"], n["neuron"], n["neuron_ms"], " | ".join(
             f"{e['context']}" + (f" ({e['feature']})" if e["feature"] else "") for e in n["examples"])]

@@ -33,13 +33,15 @@ TARGETS = {"l2e/mid-2": 1.01, "l2e/all": 1.03}
 LR = 1e-3
 
 
-def make_optimizer(model: nn.Module, arm: str) -> torch.optim.Optimizer:
-    """AdamW, or AdamW wrapped for ``arm`` = "l2e/<layers>" or "memel/<layers>"."""
+def make_optimizer(model: nn.Module, arm: str, seq: int) -> torch.optim.Optimizer:
+    """AdamW, or AdamW wrapped for ``arm`` = "l2e/<layers>" or "memel/<layers>", with
+    "/per-position" appended for per-position statistics (one row per position of ``seq``)."""
     base = torch.optim.AdamW(model.parameters(), lr=LR)
     if arm == "adamw":
         return base
-    method, layers = arm.split("/")
-    config = L2EConfig(inhibition=method, layers=layers, warmup_steps=0)  # type: ignore[arg-type]
+    method, layers, *statistics = arm.split("/")
+    config = L2EConfig(inhibition=method, layers=layers, warmup_steps=0,  # type: ignore[arg-type]
+                       statistics=statistics[0] if statistics else "pooled", max_positions=seq)  # type: ignore[arg-type]
     return L2EWrapper(base, model, config=config)
 
 
@@ -88,9 +90,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_reduces_to_adamw(shape, batches)
 
     base_model: nn.Module = build_model(shape)
-    arm_names = ["adamw", "l2e/mid-2", "l2e/all", "memel/mid-2", "memel/all"]
+    arm_names = ["adamw", "l2e/mid-2", "l2e/all", "memel/mid-2", "memel/all", "l2e/mid-2/per-position",
+                 "memel/mid-2/per-position"]
     models = {arm: copy.deepcopy(base_model) for arm in arm_names}
-    opts = {arm: make_optimizer(models[arm], arm) for arm in arm_names}
+    opts = {arm: make_optimizer(models[arm], arm, args.seq) for arm in arm_names}
     step_times: dict[str, list[float]] = {arm: [] for arm in arm_names}
     arms = {arm: make_step(models[arm], opts[arm], batches, step_times[arm]) for arm in arm_names}
     wall, cpu = _common.paired_times(arms, rounds=args.rounds, warmup=2)

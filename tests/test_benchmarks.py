@@ -33,7 +33,8 @@ def _finite(*values: float) -> None:
 def test_step_overhead(capsys: pytest.CaptureFixture[str]) -> None:
     result = _run(step_overhead.main, capsys, "--rounds", "2")
     arms = result["arms"]
-    assert set(arms) == {"adamw", "l2e/mid-2", "l2e/all", "memel/mid-2", "memel/all"}
+    assert set(arms) == {"adamw", "l2e/mid-2", "l2e/all", "memel/mid-2", "memel/all", "l2e/mid-2/per-position",
+                         "memel/mid-2/per-position"}
     assert arms["adamw"]["ratio_to_adamw"] == 1.0
     for arm in arms.values():
         _finite(arm["median_cpu_s"], arm["ratio_to_adamw"], arm["wall_ratio_to_adamw"])

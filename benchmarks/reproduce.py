@@ -40,7 +40,7 @@ from l2e_optim._lab.prose import DATA_NAMES, load_named
 from l2e_optim._lab.pretrain import Method, RunResult, RunSpec, setup, train
 from l2e_optim._lab.zoo import lm_loss
 
-from . import _common, _probe
+from . import _common, _figures, _probe
 from ._variants import EXTRA_VARIANTS, VARIANTS
 
 EXPERIMENTS = ("scale", "fkr", "compare", "threshold")
@@ -283,8 +283,6 @@ def _spearman(x: list[float], y: list[float]) -> float:
 
 
 RUNNERS = {"scale": scale, "fkr": fkr, "compare": compare, "threshold": threshold}
-
-
 #: The committed results and figures (full runs only) and where quick runs write by default.
 RESULTS, FIGURES, QUICK_FOLDER = "docs/results", "docs/figures", "runs/reproduce-quick"
 
@@ -335,8 +333,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         path = out / f"{name}.json"
         path.write_text(json.dumps(result, indent=1, sort_keys=True, allow_nan=True))
-        from . import _figures
-
         _figures.draw(name, result, figures / f"{name}.png")
         print(f"{name}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU -> {path}", flush=True)
         print(_figures.summary(name, result), flush=True)

@@ -125,6 +125,33 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and count; ``None`` for no values."""
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on the ranks; ties ranked in order of appearance);
+    ``None`` for fewer than 3 points, 0.0 when either side is constant."""
+    if len(x) < 3:
+        return None
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        out = [0.0] * len(v)
+        for rank, i in enumerate(sorted(range(len(v)), key=v.__getitem__)):
+            out[i] = float(rank)
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / den if den > 0 else 0.0
+
+
 def paired_ratio(times: Sequence[float], base: Sequence[float]) -> float:
     """Median over rounds of ``times[r] / base[r]`` (the paired estimate of the slowdown)."""
     return median([t / b for t, b in zip(times, base)])

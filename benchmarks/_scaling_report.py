@@ -25,13 +25,6 @@ STYLE = {"adamw": ("gray", 0.94), "l2e": ("C0", 0.97), "random": ("C1", 1.0), "m
          "L2E - random": ("k", 1.0)}
 
 
-def _mean_std(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def load_runs(out: pathlib.Path) -> dict[str, dict[str, Any]]:
     """Every finished run's result under ``out/runs``, by run name."""
     return {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
@@ -50,8 +43,8 @@ def _size_summary(runs: dict[str, dict[str, Any]], plan: Plan, corpus: str, widt
     arms: dict[str, Any] = {}
     for arm in plan.arms:
         rs = [runs[name(s, arm)] for s in plan.seeds if name(s, arm) in runs]
-        arms[arm] = {m: _mean_std([r[m] for r in rs]) for m in METRICS}
-        arms[arm]["d_loss_vs_adamw"] = _mean_std(_paired(runs, name, arm, "adamw", plan.seeds))
+        arms[arm] = {m: _common.mean_std([r[m] for r in rs]) for m in METRICS}
+        arms[arm]["d_loss_vs_adamw"] = _common.mean_std(_paired(runs, name, arm, "adamw", plan.seeds))
         shares = [r["position_shares"] for r in rs if "position_shares" in r]
         arms[arm]["position_shares"] = [statistics.fmean(col) for col in zip(*shares)] if shares else None
         arms[arm]["seeds"] = [r["seed"] for r in rs]
@@ -62,21 +55,8 @@ def _size_summary(runs: dict[str, dict[str, Any]], plan: Plan, corpus: str, widt
         "tokens": found[0]["tokens"] if found else None,
         "complete_seeds": [s for s in plan.seeds if all(name(s, a) in runs for a in plan.arms)],
         "arms": arms,
-        "monosemantic_specific": _mean_std(_paired(runs, name, "l2e", "random", plan.seeds)),
+        "monosemantic_specific": _common.mean_std(_paired(runs, name, "l2e", "random", plan.seeds)),
     }
-
-
-def _spearman(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3:
-        return None
-
-    def ranks(v: list[float]) -> list[int]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        return [order.index(i) for i in range(len(v))]
-
-    rx, ry = ranks(x), ranks(y)
-    n = len(x)
-    return 1.0 - 6.0 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
 
 
 def build(plan: Plan, out: pathlib.Path, *, command: str, quick: bool) -> dict[str, Any]:
@@ -89,9 +69,9 @@ def build(plan: Plan, out: pathlib.Path, *, command: str, quick: bool) -> dict[s
         done = [s for s in sizes if s["monosemantic_specific"]["n"] >= 2]
         corpora[corpus] = {
             "sizes": sizes,
-            "spearman_mono_specific_vs_params": _spearman(
+            "spearman_mono_specific_vs_params": _common.spearman(
                 [s["non_embedding_params"] for s in done], [s["monosemantic_specific"]["mean"] for s in done]),
-            "spearman_l2e_gain_vs_params": _spearman(
+            "spearman_l2e_gain_vs_params": _common.spearman(
                 [s["non_embedding_params"] for s in done], [s["arms"]["l2e"]["d_loss_vs_adamw"]["mean"] for s in done]),
         }
     finished = [n for n in planned if n in runs]

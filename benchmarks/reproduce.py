@@ -127,8 +127,8 @@ def scale(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]:
     ks = [m["mean_ks"] for m in models]
     return {
         "models": models,
-        "spearman_ms_vs_size": _spearman(list(range(len(ms))), ms),
-        "spearman_ks_vs_size": _spearman(list(range(len(ks))), ks),
+        "spearman_ms_vs_size": _common.spearman(list(range(len(ms))), ms),
+        "spearman_ks_vs_size": _common.spearman(list(range(len(ks))), ks),
         "ms_falls_with_size": ms[-1] < ms[0],
     }
 
@@ -172,11 +172,11 @@ def compare(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, Any]
     table: dict[str, dict[str, Any]] = {}
     for name, rs in runs.items():
         table[name] = {
-            key: _mean_std([r[key] for r in rs])
+            key: _common.mean_std([r[key] for r in rs])
             for key in ("val_loss", "feature_specific_ms", "high_ms_share", "fkr_2pct", "selected_fraction")
         }
-        table[name]["val_loss_delta_vs_adamw"] = _mean_std([r["val_loss"] - b for r, b in zip(rs, base_loss)])
-        table[name]["step_time_ratio"] = _mean_std([r["median_step_s"] / b for r, b in zip(rs, base_time)])
+        table[name]["val_loss_delta_vs_adamw"] = _common.mean_std([r["val_loss"] - b for r, b in zip(rs, base_loss)])
+        table[name]["step_time_ratio"] = _common.mean_std([r["median_step_s"] / b for r, b in zip(rs, base_time)])
         table[name]["position_shares"] = {
             kind: _probe.mean_lists([r["position_shares"][kind] for r in rs]) for kind in rs[0]["position_shares"]
         }
@@ -260,26 +260,6 @@ def threshold(corpus: Corpus, size: Size, cache: dict[str, Any]) -> dict[str, An
         }
     return {"ratio": config.ratio, "threshold_lr": config.threshold_lr, "steps": size.threshold_steps,
             "sites": summary, "trace": trace}
-
-
-# -- helpers ----------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def _spearman(x: list[float], y: list[float]) -> float:
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        out = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            out[i] = float(rank)
-        return out
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / den if den > 0 else 0.0
 
 
 RUNNERS = {"scale": scale, "fkr": fkr, "compare": compare, "threshold": threshold}

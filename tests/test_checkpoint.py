@@ -3,6 +3,7 @@ the state untouched, atomic writes, no pickle on load, strict=False, plain-optim
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -163,8 +164,9 @@ def test_resume_through_safetensors_is_bit_exact(case: Case, tmp_path: pathlib.P
         assert site.count.dtype == site.nonfinite.dtype == torch.int64
     with safe_open(str(path), framework="pt") as file:
         name = next(iter(resumed.opt.sites))
-        assert file.get_tensor(f"optimizer.l2e.sites.{name}.var").dtype == torch.float32
-        assert file.get_tensor(f"optimizer.l2e.sites.{name}.count").dtype == torch.int64
+        stat = carrier(resumed.model, name, resumed.opt)
+        assert file.get_tensor(f"{stat}.var").dtype == torch.float32
+        assert file.get_tensor(f"{stat}.count").dtype == torch.int64
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[6]], ids=lambda c: c.name)
@@ -186,8 +188,17 @@ def test_resume_through_torch_save_weights_only_is_bit_exact(case: Case) -> None
 
 # -- bad files -------------------------------------------------------------------------------
 
+def carrier(model: torch.nn.Module, site: str, opt: torch.optim.Optimizer | None = None) -> str:
+    """The file key of a site's record: the state entry of the site's weight (its index in the
+    optimizer's groups is its id)."""
+    weight = model.get_parameter(f"{site}.weight")
+    params = [p for group in opt.param_groups for p in group["params"]] if opt else list(model.parameters())
+    pid = next(i for i, p in enumerate(params) if p is weight)
+    return f"optimizer.state.{pid}.l2e.sites.{site}"
+
+
 SITE = "gpt_neox.layers.1.mlp.dense_4h_to_h"
-STAT = f"optimizer.l2e.sites.{SITE}"
+STAT = carrier(tiny_gpt_neox(), SITE)  # an AdamW over model.parameters()
 
 
 @pytest.fixture(scope="module")
@@ -391,19 +402,31 @@ def test_strict_false_keeps_what_the_file_lacks(tmp_path: pathlib.Path) -> None:
 
 
 def test_plain_adamw_state_into_the_wrapper(tmp_path: pathlib.Path) -> None:
+    """A state dict without L2E records never restarts the statistics silently: it is refused
+    unless the caller asks for the restart (reset_l2e=True, or reset_l2e_state() first)."""
     model = tiny_gpt_neox(seed=0)
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for ids in data(2):
         model(ids, labels=ids).loss.backward()
         plain.step()
         plain.zero_grad()
-    target = build(CASES[0], seed=0)
-    train(target, data(1))  # the L2E state is not blank before the load
-    with pytest.warns(UserWarning, match="no 'l2e' entry"):
-        target.opt.load_state_dict(plain.state_dict())
-    assert_same(target.opt.base_optimizer.state_dict(), plain.state_dict())
-    assert int(target.opt.step_count) == 0
-    assert all(int(s.count) == 0 and float(s.var.abs().sum()) == 0 for s in target.opt.sites.values())
+    for how in ("argument", "method"):
+        target = build(CASES[0], seed=0)
+        train(target, data(1))  # the L2E state is not blank before the load
+        before = snapshot(target)
+        with pytest.raises(CheckpointError, match="no L2E entries.*reset_l2e=True"):
+            target.opt.load_state_dict(plain.state_dict())
+        assert_same(snapshot(target), before)  # refused before anything changed
+        if how == "argument":
+            target.opt.load_state_dict(plain.state_dict(), reset_l2e=True)
+        else:
+            target.opt.reset_l2e_state()
+            target.opt.load_state_dict(plain.state_dict())
+            with pytest.raises(CheckpointError, match="no L2E entries"):  # the request is used up
+                target.opt.load_state_dict(plain.state_dict())
+        assert_same(target.opt.base_optimizer.state_dict(), plain.state_dict())
+        assert int(target.opt.step_count) == 0
+        assert all(int(s.count) == 0 and float(s.var.abs().sum()) == 0 for s in target.opt.sites.values())
     path = tmp_path / "plain.safetensors"
     save_checkpoint(path, plain, model=model)
     with pytest.raises(CheckpointError, match="optimizer.l2e: missing"):
@@ -414,15 +437,26 @@ def test_plain_adamw_state_into_the_wrapper(tmp_path: pathlib.Path) -> None:
 def test_wrapper_state_into_a_plain_adamw(tmp_path: pathlib.Path) -> None:
     source = build(CASES[0], seed=0)
     train(source, data(2))
-    model = tiny_gpt_neox(seed=0)
-    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    plain.load_state_dict(source.opt.state_dict())  # torch ignores the extra "l2e" entry
-    assert_same(plain.state_dict()["state"], source.opt.base_optimizer.state_dict()["state"])
+    # A plain AdamW takes the wrapper's state dict: the L2E records ride along as inert extra
+    # keys of their carriers' entries, and it steps exactly as with the base part alone.
+    runs = []
+    for state in (source.opt.state_dict(), source.opt.base_optimizer.state_dict()):
+        model = tiny_gpt_neox(seed=0)
+        model.load_state_dict(source.model.state_dict())
+        plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        plain.load_state_dict(copy.deepcopy(state))  # torch keeps the very tensors it is given
+        for ids in data(2):
+            model(ids, labels=ids).loss.backward()
+            plain.step()
+            plain.zero_grad()
+        runs.append(model.state_dict())
+    assert_same(runs[0], runs[1])
     path = tmp_path / "wrapped.safetensors"
     save_checkpoint(path, source.opt)
     with pytest.raises(CheckpointError, match="optimizer.l2e: unexpected"):
         load_checkpoint(path, plain)
     assert load_checkpoint(path, plain, strict=False).unexpected_keys == ("optimizer.l2e",)
+    assert "l2e" not in plain.state[next(iter(plain.state))]  # load_checkpoint strips the records
 
 
 def _drop_last_group_param(state: dict[str, Any]) -> None:

@@ -139,26 +139,33 @@ def free_port() -> int:
         return port
 
 
-def launch(job: str, out: pathlib.Path) -> list[dict[str, Any]]:
-    """Run ``JOBS[job]`` on 2 gloo ranks; return what each rank saved."""
+Job = Callable[[int, pathlib.Path], Any]
+
+
+def launch(job: str | Job, out: pathlib.Path, world: int = WORLD) -> list[Any]:
+    """Run ``job`` (a name in ``JOBS``, or a module-level function) on ``world`` gloo ranks;
+    return what each rank returned."""
+    name = job if isinstance(job, str) else job.__name__
     for attempt in range(2):
         try:
-            mp.start_processes(_entry, args=(job, free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+            mp.start_processes(_entry, args=(job, world, free_port(), str(out)), nprocs=world, start_method="spawn")
             break
         except mp.ProcessRaisedException as error:
             # The free port can be taken by another process between our probe and the bind.
             if attempt == 1 or "address already in use" not in str(error).lower():
                 raise
-    return [torch.load(out / f"{job}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-def _entry(rank: int, job: str, port: int, out: str) -> None:
+def _entry(rank: int, job: str | Job, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = JOBS[job](rank, pathlib.Path(out))
-        torch.save(result, pathlib.Path(out) / f"{job}_rank{rank}.pt")
+        run = JOBS[job] if isinstance(job, str) else job
+        result = run(rank, pathlib.Path(out))
+        name = job if isinstance(job, str) else job.__name__
+        torch.save(result, pathlib.Path(out) / f"{name}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -287,8 +294,9 @@ def resume_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
     return {"step": step, "l2e": l2e_state(opt), "params": full_params(model)}
 
 
-# The documented FSDP2 checkpoint path (docs/distributed.md): gather full state dicts on rank 0
+# The rank-0 gather path for small FSDP2 jobs (docs/distributed.md): full state dicts on rank 0
 # into a plain replica, which save_checkpoint / load_checkpoint handle as any single-process model.
+# The wrapper goes to get/set_optimizer_state_dict itself: its L2E records ride in the state.
 def plain_replica() -> tuple[nn.Module, L2EWrapper]:
     model = odd_lm()
     return model, make_opt(model)
@@ -299,18 +307,18 @@ def save_full_checkpoint(path: pathlib.Path, model: nn.Module, opt: L2EWrapper) 
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
-        set_optimizer_state_dict,
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0
     model_sd = get_model_state_dict(model, options=options)
-    optim_sd = get_optimizer_state_dict(model, opt.base_optimizer, options=options)
-    l2e = opt.state_dict()["l2e"]  # identical on every rank (one all-reduce per step)
+    optim_sd = get_optimizer_state_dict(model, opt, options=options)
     if dist.get_rank() == 0:
         plain, plain_opt = plain_replica()
         plain.load_state_dict(model_sd)
-        set_optimizer_state_dict(plain, plain_opt.base_optimizer, optim_sd)
-        plain_opt.load_state_dict({**plain_opt.base_optimizer.state_dict(), "l2e": l2e})
+        # Not set_optimizer_state_dict: on a fresh optimizer it steps it, and a wrapper's step
+        # is a collective that rank 0 would enter alone. The FQN-keyed groups list the
+        # parameters in the replica's order, which is all load_state_dict needs.
+        plain_opt.load_state_dict(optim_sd)
         save_checkpoint(path, plain_opt, model=plain)
     dist.barrier()
 
@@ -327,9 +335,8 @@ def load_full_checkpoint(path: pathlib.Path, model: nn.Module, opt: L2EWrapper) 
     load_checkpoint(path, plain_opt, model=plain)  # validates the whole file first
     options = StateDictOptions(full_state_dict=True)  # every rank keeps only its shard
     set_model_state_dict(model, plain.state_dict(), options=options)
-    full_optim = get_optimizer_state_dict(plain, plain_opt.base_optimizer, options=options)
-    set_optimizer_state_dict(model, opt.base_optimizer, full_optim, options=options)
-    opt.load_state_dict({**opt.base_optimizer.state_dict(), "l2e": plain_opt.state_dict()["l2e"]})
+    full_optim = get_optimizer_state_dict(plain, plain_opt, options=options)
+    set_optimizer_state_dict(model, opt, full_optim, options=options)
 
 
 JOBS: dict[str, Callable[[int, pathlib.Path], dict[str, Any]]] = {

@@ -87,7 +87,12 @@ def test_hf_trainer_trains_saves_and_resumes(corpus: Tensor, tmp_path: pathlib.P
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / "optimizer.pt").exists()
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    assert int(saved["l2e"]["step"]) == 2  # the Trainer's own checkpoint carries the L2E state
+    # The Trainer's own checkpoint carries the L2E state, in the state entries of the site weights.
+    records = {
+        name: record for entry in saved["state"].values() for name, record in entry.get("l2e", {}).get("sites", {}).items()
+    }
+    assert records.keys() == full.sites.keys()
+    assert all(int(record["step"]) == 2 for record in records.values())
 
     resumed_model, resumed = trainer_run(corpus, tmp_path / "resumed", str(checkpoint))
     assert int(resumed.step_count) == STEPS

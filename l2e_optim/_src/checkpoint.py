@@ -1,10 +1,11 @@
 """save_checkpoint / load_checkpoint: model, optimizer (with L2E state) and scheduler in one
 safetensors file. No pickle: loading a file never runs code.
 
-Layout: tensors under flat dotted keys (``model.<name>``, ``optimizer.state.<id>.<key>``,
-``optimizer.l2e.sites.<site>.<key>``, ``scheduler...``); the header metadata holds JSON strings
-(``optimizer.param_groups``, ``optimizer.state``, ``optimizer.l2e`` with the L2E config,
-``scheduler``, ``model``, ``user``) and ``format`` / ``format_version``. Loading validates the
+Layout: tensors under flat dotted keys (``model.<name>``, ``optimizer.state.<id>.<key>``, the
+L2E records among them as ``optimizer.state.<id>.l2e.sites.<site>.<key>``, ``scheduler...``);
+the header metadata holds JSON strings (``optimizer.param_groups``, ``optimizer.state``,
+``optimizer.l2e`` with the L2E config, ``scheduler``, ``model``, ``user``) and ``format`` /
+``format_version``. Files of layout 1 (``optimizer.l2e.sites...``) load too. Loading validates the
 whole file against the live objects first and only then mutates them.
 """
 
@@ -24,6 +25,7 @@ from .checkpoint_io import read_file, write_atomically
 from .flat_tree import flatten, unflatten
 from .scheduler_state import validate_scheduler_state
 from .state_dict import L2E_KEY, CheckpointError, pack_l2e_state, validate_l2e_state
+from .state_layout import split_l2e_state
 from .wrapper import L2EWrapper
 
 FORMAT = "l2e_optim.checkpoint"
@@ -190,27 +192,33 @@ def _plan_optimizer(
     if isinstance(optimizer, L2EWrapper):
         for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
             state = dict(pre_hook(optimizer, state) or state)
-        _plan_l2e(state, optimizer, plan)
-        plan.l2e = state.pop(L2E_KEY)
+        base_state, entry = _split(state, optimizer._record_names)
+        plan.l2e = _plan_l2e(entry, optimizer, plan)
         base = optimizer.base_optimizer
     else:
-        if L2E_KEY in state:
+        base_state, entry = _split(state, {})
+        if entry is not None or L2E_KEY in state:
             plan.unexpected(f"{_OPTIMIZER}.{L2E_KEY}", "L2E state, and the optimizer is not an L2EWrapper")
-            del state[L2E_KEY]
         base = optimizer
-    validate_base_state(state, base, prefix=f"{_OPTIMIZER}.")
-    return state
+    validate_base_state(base_state, base, prefix=f"{_OPTIMIZER}.")
+    return base_state
 
 
-def _plan_l2e(state: dict[str, Any], wrapper: L2EWrapper, plan: _Plan) -> None:
+def _split(state: Mapping[str, Any], names: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    try:
+        return split_l2e_state(state, names)
+    except CheckpointError as error:
+        raise CheckpointError(f"{_OPTIMIZER}.{error}") from error
+
+
+def _plan_l2e(entry: dict[str, Any] | None, wrapper: L2EWrapper, plan: _Plan) -> dict[str, Any]:
     """Validate the L2E entry; with strict=False, fill what it lacks from the live state."""
     live = pack_l2e_state(wrapper.config, wrapper.step_count, wrapper.sites)
     prefix = f"{_OPTIMIZER}.{L2E_KEY}"
-    if L2E_KEY not in state:
+    if entry is None:
         plan.missing_key(prefix, "saved from a plain optimizer")
-        state[L2E_KEY] = live
-    entry = state[L2E_KEY]
-    saved_sites = entry.get("sites") if isinstance(entry, dict) else None
+        entry = live
+    saved_sites = entry.get("sites")
     if not plan.strict and isinstance(saved_sites, dict):
         for name in sorted(set(live["sites"]) - set(saved_sites)):
             plan.missing_key(f"{prefix}.sites.{name}", "a site of this model the file lacks")
@@ -226,6 +234,7 @@ def _plan_l2e(state: dict[str, Any], wrapper: L2EWrapper, plan: _Plan) -> None:
         except CheckpointError as error:
             raise CheckpointError(f"{_OPTIMIZER}.{error}") from error
     plan.warnings = [str(w.message) for w in caught]
+    return entry
 
 
 def _plan_model(

@@ -1,7 +1,9 @@
-"""The ``"l2e"`` entry of the wrapper's state dict: packing, validation, loading.
+"""The wrapper's L2E state as one entry: packing, validation, loading into the live tensors.
 
-Plain types and tensors only, so ``torch.load(..., weights_only=True)`` reads it. Validation
-runs to completion before anything is written, so a bad entry leaves the wrapper untouched.
+The entry is ``{"config", "step", "sites"}``; where it sits in a state dict is
+``state_layout``'s business. Plain types and tensors only, so ``torch.load(...,
+weights_only=True)`` reads it. Validation runs to completion before anything is written, so a
+bad entry leaves the wrapper untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from .site import SiteState
 from .statistics import MEAN_LIMIT, VAR_LIMIT
 
 L2E_KEY = "l2e"
-FORMAT_VERSION = 1
 
 #: Counters (tokens, steps, skipped micro-batches) beyond this are absurd (9e15: a thousand
 #: times the largest pretraining runs) and near int64's end they would wrap negative.
@@ -45,7 +46,6 @@ class CheckpointError(ValueError):
 def pack_l2e_state(config: L2EConfig, step: Tensor, sites: Mapping[str, SiteState]) -> dict[str, Any]:
     """The L2E state as nested plain dicts of cloned tensors."""
     return {
-        "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "step": step.detach().clone(),
         "sites": {name: {k: v.detach().clone() for k, v in site.tensors().items()} for name, site in sites.items()},
@@ -53,21 +53,24 @@ def pack_l2e_state(config: L2EConfig, step: Tensor, sites: Mapping[str, SiteStat
 
 
 def validate_l2e_state(entry: Any, config: L2EConfig, sites: Mapping[str, SiteState]) -> None:
-    """Raise CheckpointError on the first problem; warn if the saved config differs."""
+    """Raise CheckpointError on the first problem; warn if the saved config differs.
+
+    ``entry["config"]`` may be None (DCP keeps no top-level entry): the config is not compared,
+    and the per-site shape checks stand in for the statistics-layout check.
+    ``entry["paths"]`` and ``entry["step_path"]`` (optional) say where the records sat, for the
+    error messages.
+    """
     if not isinstance(entry, Mapping):
         raise CheckpointError(f"{L2E_KEY}: expected a dict, got {type(entry).__name__}")
-    version = entry.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{L2E_KEY}.format_version: {version!r} is not the supported version {FORMAT_VERSION}"
-        )
-    _check_tensor(f"{L2E_KEY}.step", entry.get("step"), (), torch.int64, (0, COUNT_LIMIT))
+    paths = entry.get("paths") or {}
+    step_path = entry.get("step_path", f"{L2E_KEY}.step")
+    _check_tensor(step_path, entry.get("step"), (), torch.int64, (0, COUNT_LIMIT))
     saved_config = entry.get("config")
     try:
         saved = L2EConfig.from_dict(saved_config) if isinstance(saved_config, Mapping) else None
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"{L2E_KEY}.config: {error}") from error
-    if saved is None:
+    if saved is None and saved_config is not None:
         raise CheckpointError(f"{L2E_KEY}.config: expected a dict of L2EConfig fields")
     saved_sites = entry.get("sites")
     if not isinstance(saved_sites, Mapping):
@@ -79,7 +82,7 @@ def validate_l2e_state(entry: Any, config: L2EConfig, sites: Mapping[str, SiteSt
             f"{L2E_KEY}.sites: the checkpoint's sites do not match this model's "
             f"(missing {missing}, unexpected {unexpected}); was it saved from another model?"
         )
-    if saved.statistic_rows != config.statistic_rows:
+    if saved is not None and saved.statistic_rows != config.statistic_rows:
         raise CheckpointError(
             f"{L2E_KEY}.config: saved with statistics={saved.statistics!r}, max_positions="
             f"{saved.max_positions}; this wrapper has statistics={config.statistics!r}, max_positions="
@@ -87,8 +90,8 @@ def validate_l2e_state(entry: Any, config: L2EConfig, sites: Mapping[str, SiteSt
             "saved settings to resume."
         )
     for name, site in sites.items():
-        validate_site(f"{L2E_KEY}.sites.{name}", saved_sites[name], site)
-    if saved != config:
+        validate_site(paths.get(name, f"{L2E_KEY}.sites.{name}"), saved_sites[name], site)
+    if saved is not None and saved != config:
         warnings.warn(
             f"the checkpoint's L2EConfig differs from this wrapper's ({_config_diff(saved, config)}); "
             "the wrapper keeps its own config and loads the saved statistics.",

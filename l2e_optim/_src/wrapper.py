@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -13,21 +12,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .amp_forwarding import AmpForwarding
-from .base_state import validate_base_state
 from .base_step import init_hook_dicts, requires_closure, step_without_global_hooks
-from .commit import commit_site
+from .commit import commit_site, step_increment
 from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
 from .ownership import attach_hooks, check_arguments, detach_hooks
 from .site import SiteRuntime, SiteState
-from .state_dict import L2E_KEY, load_l2e_state, pack_l2e_state, validate_l2e_state
+from .state_layout import record_name
+from .wrapper_state import StateDictMethods
 
 Tap = Literal["input", "output"]
 
 
-class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
+class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
     """Wrap ``base_optimizer`` so that training ``model`` inhibits its monosemantic neurons.
 
     The wrapper is the optimizer the loop (and any LR scheduler) talks to. ``param_groups``,
@@ -77,6 +76,10 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
         self._sites, self._buffers = build_sites(
             modules, names, tap, config.starting_threshold, device, config.statistic_rows
         )
+        # Parameters that may carry each site's record in the state dict (state_layout).
+        self._site_params = {name: list(modules[name].parameters()) for name in names}
+        self._record_names = {name: record_name(model, name) for name in names}
+        self._reset_requested = False
         self._handles = attach_hooks(self, modules, self._sites, self._runtime, tap)
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
@@ -174,9 +177,12 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
             with torch.no_grad():  # zero sums commit nothing: no token, no threshold move
                 for buffer in self._buffers.values():
                     buffer.mul_(stepped.to(buffer.device, buffer.dtype))
+        increment = step_increment(self._sites.values(), self.param_groups)  # 0: DCP's lr-0 step
         for site in self._sites.values():
             commit_site(site, self.config)
-        self._step_count.add_(1 if stepped is None else stepped.to(self._step_count.device, torch.int64))
+        if stepped is not None:
+            increment = stepped.to(self._step_count.device, torch.int64) * increment
+        self._step_count.add_(increment)
 
     # -- controls -------------------------------------------------------------------------------
     def set_token_mask(self, mask: Tensor | None) -> None:
@@ -226,59 +232,6 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
             out[f"l2e/{name}/mean_var"] = float(site.var.mean())
         return out
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus an ``"l2e"`` entry (plain types and tensors)."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        out = self._base.state_dict()
-        out[L2E_KEY] = pack_l2e_state(self.config, self._step_count, self._sites)
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, out)
-            if result is not None:
-                out = result
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` (or a plain base optimizer's, with a warning).
-
-        Validated in full before anything changes (docs/checkpointing.md lists the checks, the
-        last a trial load into a scratch copy of the base optimizer); on error
-        (:class:`CheckpointError`) the wrapper and the base optimizer are left as they were.
-        """
-        state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            state_dict = dict(pre_hook(self, state_dict) or state_dict)
-        self._load_validated(*self._validate_load(state_dict))
-
-    def _validate_load(self, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-        """The base part and the L2E entry (None if absent) of ``state_dict``, validated once."""
-        base_state = dict(state_dict)
-        l2e = base_state.pop(L2E_KEY, None)
-        validate_base_state(base_state, self._base)
-        if l2e is not None:
-            validate_l2e_state(l2e, self.config, self._sites)
-        return base_state, l2e
-
-    def _load_validated(self, base_state: dict[str, Any], l2e: Any) -> None:
-        """Apply what :meth:`_validate_load` passed (load_checkpoint's path too): no checks again."""
-        if l2e is None:
-            warnings.warn("state dict has no 'l2e' entry (a plain optimizer's?): loading the base "
-                          "state and starting L2E statistics afresh.", stacklevel=3)
-        self._base.load_state_dict(base_state)
-        with torch.no_grad():
-            if l2e is not None:
-                load_l2e_state(l2e, self._step_count, self._sites)
-            else:
-                self._reset_state()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _reset_state(self) -> None:
-        self._step_count.zero_()
-        for site in self._sites.values():
-            site.reset_(self.config.starting_threshold)
-
     # -- plumbing -------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         """What a deep copy or a pickle holds: the base optimizer and the L2E state, detached.
@@ -298,6 +251,9 @@ class L2EWrapper(AmpForwarding, torch.optim.Optimizer):
             "_sites": self._sites,
             "_buffers": self._buffers,
             "_accumulator_offsets": accumulator_offsets(self._sites, self._buffers),
+            "_site_params": self._site_params,
+            "_record_names": self._record_names,
+            "_reset_requested": self._reset_requested,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -195,7 +195,7 @@ def every_kind_of_tensor(raw: bytes, seed: int, count: int | None) -> Iterator[V
     (all of them with ``count=None``), each once."""
     rng = random.Random(seed)
     keys = sorted(_read_bytes(raw)[0])
-    always = [k for k in keys if k.startswith(("optimizer.l2e", "scheduler"))]
+    always = [k for k in keys if k.startswith(("optimizer.l2e", "scheduler")) or ".l2e.sites." in k]
     others = [k for k in keys if k not in always]
     picked = others if count is None else rng.sample(others, min(count, len(others)))
     for key in always + picked:

@@ -97,7 +97,7 @@ CASES_2_AND_4: list[tuple[str, Edit, str]] = [
     ("threshold-0", _tensor(f"{STAT}.threshold", lambda v: v.zero_()), f"{STAT}.threshold: values below"),
     ("count-near-int64-max", _tensor(f"{STAT}.count", lambda v: v.fill_(2**63 - 10)), f"{STAT}.count: values above"),
     ("selected-fraction-2", _tensor(f"{STAT}.selected_fraction", lambda v: v.fill_(2.0)), "selected_fraction: values above"),
-    ("step-near-int64-max", _tensor("optimizer.l2e.step", lambda v: v.fill_(2**63 - 1)), "optimizer.l2e.step: values above"),
+    ("step-near-int64-max", _tensor(f"{STAT}.step", lambda v: v.fill_(2**63 - 1)), f"{STAT}.step: values above"),
     ("twice-referred", _meta("optimizer.state", lambda s: _alias(s)), "referred to twice"),
 ]
 
@@ -193,11 +193,11 @@ def test_threshold_init_outside_the_kept_range_is_a_config_error() -> None:
 
 def test_validation_runs_once_per_load(good: tuple[pathlib.Path, Run], monkeypatch: pytest.MonkeyPatch) -> None:
     """load_checkpoint validated the optimizer's state twice (its own plan, then load_state_dict)."""
-    from l2e_optim._src import checkpoint, wrapper
+    from l2e_optim._src import checkpoint, wrapper_state
 
     path, target = good
     calls: list[str] = []
-    for module in (checkpoint, wrapper):
+    for module in (checkpoint, wrapper_state):
         for name in ("validate_base_state", "validate_l2e_state"):
             real = getattr(module, name)
             monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])

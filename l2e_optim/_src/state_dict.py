@@ -58,13 +58,20 @@ def validate_l2e_state(entry: Any, config: L2EConfig, sites: Mapping[str, SiteSt
     ``entry["config"]`` may be None (DCP keeps no top-level entry): the config is not compared,
     and the per-site shape checks stand in for the statistics-layout check.
     ``entry["paths"]`` and ``entry["step_path"]`` (optional) say where the records sat, for the
-    error messages.
+    error messages; ``entry["other_steps"]`` (optional) are more copies of the step, which must agree.
     """
     if not isinstance(entry, Mapping):
         raise CheckpointError(f"{L2E_KEY}: expected a dict, got {type(entry).__name__}")
     paths = entry.get("paths") or {}
     step_path = entry.get("step_path", f"{L2E_KEY}.step")
     _check_tensor(step_path, entry.get("step"), (), torch.int64, (0, COUNT_LIMIT))
+    for path, other in entry.get("other_steps", ()):
+        _check_tensor(path, other, (), torch.int64, (0, COUNT_LIMIT))
+        if not torch.equal(other, entry["step"]):
+            raise CheckpointError(
+                f"{path}: {int(other)} differs from the step of the first record ({int(entry['step'])}); "
+                "the records come from different checkpoints"
+            )
     saved_config = entry.get("config")
     try:
         saved = L2EConfig.from_dict(saved_config) if isinstance(saved_config, Mapping) else None

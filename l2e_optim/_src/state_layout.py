@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -210,23 +209,19 @@ def _strip_records(state: Mapping[Any, Any], records: dict[str, tuple[str, Any]]
 def _entry_from_records(records: Mapping[str, tuple[str, Any]], config: Any) -> dict[str, Any]:
     """``pack_l2e_state``'s shape from per-site records that each repeat the step count.
 
-    ``paths`` and ``step_path`` say where each record sat, so that validation errors name the key.
+    ``paths`` and ``step_path`` say where each record sat, so that validation errors name the key;
+    ``other_steps`` are the other records' copies of the step, which must agree.
     """
     sites: dict[str, Any] = {}
     paths: dict[str, str] = {}
-    steps: list[tuple[str, Any]] = []
+    steps: list[tuple[str, Any]] = []  # (path, value)
     for name, (path, record) in records.items():
         if not isinstance(record, Mapping):
             raise CheckpointError(f"{path}: expected a dict of tensors")
         sites[name] = {k: v for k, v in record.items() if k != STEP}
         paths[name] = path
         steps.append((f"{path}.{STEP}", record.get(STEP)))
-    first_path, step = steps[0]
-    for path, other in steps[1:]:
-        # Load-time check (a host sync is fine here): every record was saved at the same step.
-        if isinstance(step, Tensor) and isinstance(other, Tensor) and not torch.equal(step, other):
-            raise CheckpointError(
-                f"{path}: {other.tolist()} differs from {first_path}'s {step.tolist()}; "
-                "the records come from different checkpoints"
-            )
-    return {"config": config, "step": step, "sites": sites, "paths": paths, "step_path": first_path}
+    (step_path, step), others = steps[0], steps[1:]
+    entry = {"config": config, "step": step, "sites": sites, "paths": paths, "step_path": step_path}
+    entry["other_steps"] = others  # every record repeats the step: validation checks they agree
+    return entry

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from l2e_optim._lab.zoo import stdlib_bytes
+# Without a GPU the Triton tap is tested on CPU tensors by Triton's interpreter, which must be on
+# before anything imports triton (torch's dynamo does, e.g. at an optimizer's first step). With
+# a GPU the real kernel runs (tests/test_cuda.py) and the interpreter stays off.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from l2e_optim._lab.zoo import stdlib_bytes  # noqa: E402
 
 # Tiny models run fastest on one thread, and a second OpenMP thread spinning on a loaded 2-core
 # machine can slow the suite several-fold.

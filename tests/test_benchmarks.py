@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import sys
 from typing import Any
 
 import pytest
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks import _common, memory, selection_cost, step_only, step_overhead  # noqa: E402
+from benchmarks import _common, memory, selection_cost, step_only, step_overhead, tap_bytes  # noqa: E402
 
 
 def _run(main: Any, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
@@ -33,8 +35,10 @@ def _finite(*values: float) -> None:
 def test_step_overhead(capsys: pytest.CaptureFixture[str]) -> None:
     result = _run(step_overhead.main, capsys, "--rounds", "2")
     arms = result["arms"]
-    assert set(arms) == {"adamw", "l2e/mid-2", "l2e/all", "memel/mid-2", "memel/all", "l2e/mid-2/per-position",
-                         "memel/mid-2/per-position"}
+    assert set(arms) == set(step_overhead.ARMS)
+    assert arms["l2e/all"]["kernel"] == "blocked" and arms["l2e/all/eager"]["kernel"] == "eager"
+    assert arms["l2e/mid-2/per-position"]["kernel"] == "eager"  # per-position statistics are not fused
+    assert {"l2e/mid-2/per-position", "memel/mid-2/per-position"} <= set(arms)
     assert arms["adamw"]["ratio_to_adamw"] == 1.0
     for arm in arms.values():
         _finite(arm["median_cpu_s"], arm["ratio_to_adamw"], arm["wall_ratio_to_adamw"])
@@ -68,3 +72,48 @@ def test_memory(capsys: pytest.CaptureFixture[str]) -> None:
         per_neuron = arms[name]["state_bytes_per_neuron"]
         assert 16.0 <= per_neuron <= result["targets"]["state_bytes_per_neuron"]
         _finite(arms[name]["peak_rss_mib"], arms[name]["footprint_ratio"])
+
+
+def test_gpu_check_help_and_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import gpu_check
+
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--help"])
+    assert stop.value.code == 0 and "CUDA-graph" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 0
+        assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_gpu_check_harness_on_cpu(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--device", "cpu", "--smoke", "--modes", "eager,captured", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert _common.parse(printed)["parts"] == result["parts"]
+    eager, captured = result["parts"]
+    assert set(eager["arms"]) == set(gpu_check.ARMS) and "error" not in eager
+    _finite(*(arm["ratio_to_adamw"] for arm in eager["arms"].values()))
+    assert captured["skipped"] == "CUDA-graph capture needs a CUDA device"
+    assert result["tests"] == {"skipped": "--no-tests"}
+
+
+def test_byte_counter_counts_known_ops() -> None:
+    a, b, c = torch.ones(100), torch.ones(100), torch.empty(100)
+    with tap_bytes.ByteCounter() as counter:
+        torch.add(a, b)  # reads 2 x 400 bytes, writes 400
+        a.mul_(2.0)  # reads and writes a
+        torch.mul(a, b, out=c)  # the out= tensor is written, not read
+        a.view(10, 10).t()  # views move nothing
+        a.new_zeros(50, dtype=torch.float64)  # writes 400 bytes, reads none
+    assert dict(counter.by_op) == {"add": 1200, "mul_": 800, "mul": 1200, "new_zeros": 400}
+
+
+def test_tap_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run(tap_bytes.main, capsys)
+    per = result["dtypes"]["bfloat16"]["bytes_per_value"]
+    assert per["triton"] < 10 < per["eager"]  # bf16: 6 bytes of z, grad in, grad out, plus partials
+    lines = result["dtypes"]["float32"]["roofline_h100"]["eager"]
+    assert set(lines) == {"70m", "410m", "2.8b"}

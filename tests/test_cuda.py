@@ -1,4 +1,5 @@
-"""GPU-only contracts: no host sync in a step, and whole-step CUDA-graph capture.
+"""GPU-only contracts: the Triton tap on the device, no host sync in a step, and whole-step
+CUDA-graph capture, with each tap kernel.
 
 Marked ``cuda``: skipped without a GPU (tests/conftest.py). The capture follows PyTorch's
 "whole network capture" recipe: warm up on a side stream, capture forward, backward and
@@ -8,6 +9,7 @@ static input.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
 from l2e_optim._lab.zoo import PlainLM
+from test_kernels import assert_matches_eager, inputs, padding, run_tap, triton_impl
 
 pytestmark = pytest.mark.cuda
 
@@ -30,14 +33,15 @@ def sync_debug_off() -> Iterator[None]:
     torch.cuda.set_sync_debug_mode("default")
 
 
-def cuda_run(model: nn.Module, capturable: bool) -> tuple[nn.Module, L2EWrapper]:
+def cuda_run(model: nn.Module, capturable: bool, kernel: str = "auto") -> tuple[nn.Module, L2EWrapper]:
     model = model.cuda()
     # The embedding is frozen: torch's own CUDA embedding backward reads a segment count on the
     # host, which neither sync-debug mode nor graph capture allows; it is not L2E's to test.
     model.embed.requires_grad_(False)  # type: ignore[union-attr]
     trainable = [p for p in model.parameters() if p.requires_grad]
     base = torch.optim.AdamW(trainable, lr=1e-2, capturable=capturable)
-    return model, L2EWrapper(base, model, config=CONFIG)
+    config = dataclasses.replace(CONFIG, kernel=kernel)
+    return model, L2EWrapper(base, model, config=config)
 
 
 def state_of(model: nn.Module, opt: L2EWrapper) -> list[Tensor]:
@@ -51,9 +55,26 @@ def eager_step(model: nn.Module, opt: L2EWrapper, ids: Tensor) -> None:
     opt.step()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 2048), (3, 333, 1000)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_tap_matches_eager_on_device(dtype: torch.dtype, shape: tuple[int, ...], masked: bool) -> None:
+    z, grad, mean, var = (t.cuda() for t in inputs(shape, dtype))
+    valid = padding(z.numel() // shape[-1]).cuda() if masked else None
+    assert_matches_eager("triton", z, grad, valid, mean, var)
+    first, second = (run_tap(triton_impl(), z, grad, valid, mean, var) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # no atomics
+
+
+def test_auto_kernel_is_triton_on_cuda() -> None:
+    model, opt = cuda_run(PlainLM(), capturable=False)
+    assert opt._runtime.kernels.name(torch.ones(2, 8, device="cuda")) == "triton"
+
+
+@pytest.mark.parametrize("kernel", ["eager", "triton"])
 @pytest.mark.parametrize("capturable", [False, True])
-def test_step_raises_no_sync_error(corpus: Tensor, sync_debug_off: None, capturable: bool) -> None:
-    model, opt = cuda_run(PlainLM(), capturable)
+def test_step_raises_no_sync_error(corpus: Tensor, sync_debug_off: None, capturable: bool, kernel: str) -> None:
+    model, opt = cuda_run(PlainLM(), capturable, kernel)
     data = batches(corpus, 4, 33)
     eager_step(model, opt, next(data).cuda())  # lazy state creation may sync once; not measured
     for _ in range(3):
@@ -68,10 +89,12 @@ def test_step_raises_no_sync_error(corpus: Tensor, sync_debug_off: None, captura
     assert all(bool(torch.isfinite(s.var).all()) for s in opt.sites.values())
 
 
-def test_whole_step_cuda_graph_replays_like_eager(corpus: Tensor) -> None:
+@pytest.mark.parametrize("kernel", ["eager", "triton"])
+def test_whole_step_cuda_graph_replays_like_eager(corpus: Tensor, kernel: str) -> None:
     torch.manual_seed(0)
-    graph_model, graph_opt = cuda_run(PlainLM(), capturable=True)
-    eager_model, eager_opt = cuda_run(PlainLM(), capturable=True)  # PlainLM seeds its own init
+    graph_model, graph_opt = cuda_run(PlainLM(), capturable=True, kernel=kernel)
+    # The reference runs uncaptured with the eager tap (PlainLM seeds its own init).
+    eager_model, eager_opt = cuda_run(PlainLM(), capturable=True, kernel="eager")
     data = [b.cuda() for _, b in zip(range(WARMUP + REPLAYS), batches(corpus, 4, 33, seed=5))]
     static_ids = data[0].clone()
 

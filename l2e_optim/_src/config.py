@@ -13,11 +13,13 @@ Inhibition = Literal["l2e", "memel", "none"]
 Statistics = Literal["pooled", "per-position"]
 Retrieval = Literal["auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random"]
 LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
+Kernel = Literal["auto", "eager", "blocked", "triton"]
 
 _INHIBITIONS = ("l2e", "memel", "none")
 _RETRIEVALS = ("auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random")
 _LAYER_NAMES = ("mid-2", "mid-third", "all")
 _STATISTICS = ("pooled", "per-position")
+_KERNELS = ("auto", "eager", "blocked", "triton")
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,15 @@ class L2EConfig:
             activation's middle axes (a 2-D ``[rows, N]`` activation has only position 0).
         max_positions: per-position only: how many leading positions get their own statistics
             (set it to the training context length); the state is ``max_positions + 1`` rows.
+        kernel: which implementation runs the tap's backward (statistics, selection count and
+            L2E gradient). ``"eager"``: plain torch ops, the reference; ``"blocked"``: the same
+            math in token blocks over preallocated buffers (any device, no compiler; the CPU
+            fast path); ``"triton"``: one fused Triton kernel (CUDA; needs the ``gpu`` extra).
+            ``"auto"``: Triton on CUDA when installed, blocked on CPU, eager otherwise. The fused
+            kernels implement pooled statistics and the threshold retrieval (every retrieval for
+            "memel" and "none", whose tap only gathers statistics); the rest runs eager under
+            "auto". Under ``torch.compile`` the eager tap is traced whatever this says (inductor
+            fuses it).
     """
 
     inhibition: Inhibition = "l2e"
@@ -86,6 +97,7 @@ class L2EConfig:
     retrieval: Retrieval = "auto"
     statistics: Statistics = "pooled"
     max_positions: int = 2048
+    kernel: Kernel = "auto"
 
     def __post_init__(self) -> None:
         if self.inhibition not in _INHIBITIONS:
@@ -101,6 +113,7 @@ class L2EConfig:
                 "statistic per neuron, 'per-position' one per (position, neuron)."
             )
         _check_int_at_least("max_positions", self.max_positions, 1, "set it to the context length")
+        _check_kernel(self)
         _check_open_unit("ratio", self.ratio, "the paper's best values are 0.01 to 0.03")
         _check_nonnegative("strength", self.strength)
         _check_nonnegative("eps", self.eps)
@@ -127,6 +140,17 @@ class L2EConfig:
         if self.retrieval != "auto":
             return self.retrieval
         return "sample-topk" if self.inhibition == "memel" else "threshold"
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused kernels implement this configuration's tap (else it runs eager).
+
+        They keep one statistic per neuron and compare scores with the moving threshold; a
+        retrieval that ranks scores (top-k) or draws them (random) needs the eager path when it
+        drives the L2E gradient, and so do per-position statistics.
+        """
+        selection_ok = self.inhibition != "l2e" or self.resolved_retrieval == "threshold"
+        return selection_ok and self.statistics == "pooled"
 
     @property
     def statistic_rows(self) -> int | None:
@@ -175,6 +199,20 @@ def _normalise_layers(layers: object) -> LayerChoice:
     raise ConfigError(
         f"layers={layers!r} must be one of {_LAYER_NAMES} or a non-empty sequence of block indices."
     )
+
+
+def _check_kernel(config: L2EConfig) -> None:
+    if config.kernel not in _KERNELS:
+        raise ConfigError(
+            f"kernel={config.kernel!r} is not one of {_KERNELS}; 'auto' picks the fastest available."
+        )
+    if config.kernel in ("blocked", "triton") and not config.fusable:
+        raise ConfigError(
+            f"kernel={config.kernel!r} fuses pooled statistics and the threshold retrieval only, "
+            f"but this config has statistics={config.statistics!r}, inhibition="
+            f"{config.inhibition!r} and retrieval={config.resolved_retrieval!r} (a ranking or a "
+            "random draw); use kernel='auto' (runs it eager) or kernel='eager'."
+        )
 
 
 def _check_open_unit(name: str, value: float, hint: str) -> None:

@@ -186,3 +186,29 @@ def false_killing_rate(phi: Tensor, features: Tensor, ratio: float) -> float:
     selected = [(t, j) for t in range(tokens) for j in range(n) if float(phi[t, j]) >= tau_k]
     false = [1 for t, j in selected if int(features[t]) != lstar[j]]
     return len(false) / len(selected)
+
+
+def tap_backward(
+    z: Tensor, grad: Tensor, valid: list[float] | None, mean: Tensor, var: Tensor, tau: float,
+    eps: float, log_eps: float, coef: float,
+) -> tuple[Tensor, list[float], list[float], int]:
+    """The site's backward for one micro-batch with statistics, threshold retrieval, after warm-up.
+
+    Returns ``(outgoing gradient, s1, s2, selected)``: the incoming gradient plus
+    ``coef / tokens * d/dz sum over selected of log((z - mean)^2 + log_eps)``, and the shifted
+    sums and the selected count over unpadded rows. ``z`` is ``[tokens, N]``; finite inputs only.
+    """
+    tokens, n = z.shape
+    weight = valid if valid is not None else [1.0] * tokens
+    phi = scores(z, mean, var, eps)
+    picked = {(t, i) for t, i in threshold_selection(phi, tau) if weight[t] > 0}
+    out = grad.double().clone()
+    s1, s2 = [0.0] * n, [0.0] * n
+    for t in range(tokens):
+        for i in range(n):
+            d = float(z[t, i]) - float(mean[i])
+            s1[i] += weight[t] * d
+            s2[i] += weight[t] * d * d
+            if (t, i) in picked:
+                out[t, i] += coef / max(sum(weight), 1.0) * 2.0 * d / (d * d + log_eps)
+    return out, s1, s2, len(picked)

@@ -1,4 +1,4 @@
-"""One neuron site: its state tensors, the autograd tap, and the forward hook.
+"""One neuron site: its state tensors, and the forward hook that places the autograd tap (tap.py).
 
 Statistics are gathered in the *backward* pass, by an identity autograd function placed on the
 site's activation. Backward runs exactly once for every micro-batch that trains, whatever the
@@ -17,12 +17,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .accumulator import Pending, accumulate, accumulator_size, pending
+from .accumulator import Pending, accumulator_size, pending
 from .config import L2EConfig
-from .inhibition import half_log_ms_grad_, reverse_deactivation
-from .position import as_sequences, position_sums
+from .inhibition import reverse_deactivation
+from .kernels.dispatch import KernelChooser
+from .position import as_sequences
 from .selection import retrieve, sample_count, token_statistics
-from .statistics import deviations, shifted_sums
+from .tap import _Tap
 
 
 class SiteState:
@@ -106,67 +107,6 @@ class SiteState:
         return f"SiteState(name={self.name!r}, neurons={self.neurons})"
 
 
-class _Tap(torch.autograd.Function):
-    """Identity in forward; in backward, accumulates the site's statistics and adds the L2E grad."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        z: Tensor,
-        valid: Tensor | None,
-        site: tuple[Tensor, ...],
-        options: tuple[float, float, float, int, str, float, int],
-        loss_scale: Tensor | None = None,
-    ) -> Tensor:
-        ctx.save_for_backward(z, valid)
-        ctx.site = site
-        ctx.options = options
-        ctx.loss_scale = loss_scale
-        return z.view_as(z)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        z, valid = ctx.saved_tensors
-        mean, var, tau, count, step, acc = ctx.site
-        eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
-        z3 = as_sequences(z)  # [sequences, positions, N]
-        stats = token_statistics(mean, var, count, eps, z3.shape[1])
-        valid3 = None if valid is None else valid.view(z3.shape[:2])  # [sequences, positions]
-        # Shift K = running mean: identical on every rank, keeps the sums small.
-        d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
-        dsq = d * d
-        # phi >= tau  <=>  d^2 >= tau * denom: one comparison, no [tokens, N] score tensor. Before
-        # a statistic has data (count < MIN_COUNT) nothing is monosemantic: its bar is +inf.
-        bar = torch.where(stats.seen, tau, torch.inf) * stats.denom
-        over = dsq >= bar  # what the moving threshold counts, whatever inhibits
-        if valid3 is not None:
-            over &= valid3[..., None] > 0
-        n = z3.shape[-1]
-        if mean.ndim == 1:
-            s1, s2 = shifted_sums(d.view(-1, n), dsq.view(-1, n), valid)
-            tokens = valid.sum() if valid is not None else d.new_full((), float(d.numel() // n))
-        else:
-            s1, s2, tokens = position_sums(d, dsq, valid3, mean.shape[0])
-        # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
-        # A device bool, so skipping the micro-batch costs no host sync.
-        finite = torch.isfinite(s2).all()
-        accumulate(pending(acc, n, None if mean.ndim == 1 else mean.shape[0]), s1, s2, tokens, over, finite)
-        if coef == 0.0:
-            return grad, None, None, None, None
-        selected = over
-        if retrieval != "threshold":
-            scores = (dsq / stats.denom).view(-1, n)
-            picked = retrieve(scores, retrieval, tau, ratio, topk, sample_count(z.shape), valid)
-            selected = picked.view(z3.shape) & stats.seen
-        active = finite & (step >= warmup)
-        total = tokens.sum()
-        scale = torch.where(active, 2.0 * coef / total.clamp_min(1.0), 0.0)  # 2: d/dz log d^2 = 2/d
-        if ctx.loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
-            scale = scale * ctx.loss_scale
-        extra = half_log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
-        return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None
-
-
 class SiteRuntime:
     """What a site's hook reads besides the site: the wrapper's switches and shared tensors."""
 
@@ -176,6 +116,7 @@ class SiteRuntime:
         self.paused = False
         self.token_mask: Tensor | None = None
         self.grad_scaler: torch.amp.GradScaler | None = None
+        self.kernels = KernelChooser(config)
         # The config is frozen, so the tap's static options are built once, not on every forward.
         coef = config.strength / config.grad_accumulation_steps if config.inhibition == "l2e" else 0.0
         self.tap_options = (
@@ -280,7 +221,8 @@ def _observe(z: Tensor, site: SiteState, runtime: SiteRuntime) -> Tensor:
         if loss_scale is not None:
             drop_stale_sums_(site.accumulator, site.scale_tag, loss_scale)
         tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator)
-        out = _Tap.apply(z, valid, tensors, runtime.tap_options, loss_scale)  # type: ignore[no-untyped-call]
+        fused = runtime.kernels.choose(z)
+        out = _Tap.apply(z, valid, tensors, runtime.tap_options, loss_scale, fused)  # type: ignore[no-untyped-call]
     if config.inhibition == "memel":
         out = _memel(out, valid, site, runtime)
     return out

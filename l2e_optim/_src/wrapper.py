@@ -17,6 +17,7 @@ from .commit import commit_site, step_increment
 from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
+from .kernels.dispatch import check_kernel
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
 from .ownership import attach_hooks, check_arguments, detach_hooks
 from .site import SiteRuntime, SiteState
@@ -64,6 +65,7 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         names = resolve_sites(model, sites, config.layers)
         modules = dict(model.named_modules())
         device = module_device(model)
+        check_kernel(config, device)
 
         self._base = base_optimizer
         self._closure_required = requires_closure(base_optimizer)

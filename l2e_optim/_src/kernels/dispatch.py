@@ -1,0 +1,96 @@
+"""The one place that picks the tap's backward implementation, by config, device and mode.
+
+``L2EConfig.kernel`` asks; this module answers per call, in the site's forward hook (so a
+``torch.compile`` trace, a device or an unsupported configuration is seen before the backward
+runs). ``None`` means the eager tap in ``site.py``, the reference and the fallback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ..config import L2EConfig
+from . import FusedTap
+from .blocked_tap import BlockedTap
+
+
+@lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether the ``triton`` package can be imported (the ``gpu`` extra); does not import it."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_kernel(config: L2EConfig, device: torch.device) -> None:
+    """Refuse, at construction, a ``kernel`` that cannot run on ``device``; the error says why."""
+    if config.kernel != "triton":
+        return
+    if not triton_installed():
+        raise RuntimeError(
+            "L2EConfig(kernel='triton') needs the triton package: pip install 'l2e_optim[gpu]', "
+            "or use kernel='auto'."
+        )
+    if device.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(
+            f"L2EConfig(kernel='triton') runs on CUDA tensors but the model is on {device}; use "
+            "kernel='auto' (picks 'blocked' on CPU), or set TRITON_INTERPRET=1 to test the kernel."
+        )
+
+
+class KernelChooser:
+    """Picks a site's tap implementation for one activation; one per wrapper (it owns buffers)."""
+
+    def __init__(self, config: L2EConfig) -> None:
+        self.requested = config.kernel
+        self.fusable = config.fusable
+        self._blocked: BlockedTap | None = None
+
+    def choose(self, z: Tensor) -> FusedTap | None:
+        """The fused tap for activation ``z``, or ``None`` for the eager tap."""
+        name = self.name(z)
+        if name == "blocked":
+            if self._blocked is None:
+                self._blocked = BlockedTap()
+            return self._blocked
+        if name == "triton":
+            from .triton_tap import triton_tap  # imports triton, so only once it is chosen
+
+            return triton_tap
+        return None
+
+    def name(self, z: Tensor) -> str:
+        """``"eager"``, ``"blocked"`` or ``"triton"``: what :meth:`choose` runs for ``z``."""
+        if torch.compiler.is_compiling():  # first: nothing else needs tracing then
+            return pick_kernel(self.requested, fusable=self.fusable, device_type="", compiling=True, triton_ok=False)
+        return pick_kernel(
+            self.requested,
+            fusable=self.fusable and z.numel() > 0,
+            device_type="cuda" if z.is_cuda else z.device.type,
+            compiling=False,
+            triton_ok=triton_installed(),
+        )
+
+
+def pick_kernel(requested: str, *, fusable: bool, device_type: str, compiling: bool, triton_ok: bool) -> str:
+    """The dispatch table: ``requested`` (``L2EConfig.kernel``) resolved for one call.
+
+    Eager when asked, when the configuration is not fusable, and under ``torch.compile`` (the
+    eager tap is traced and inductor fuses it); an explicit kernel otherwise (``check_kernel``
+    has vetted it); ``"auto"``: Triton on CUDA when installed, blocked on CPU, else eager.
+    """
+    if requested == "eager" or not fusable or compiling:
+        return "eager"
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "triton" if triton_ok else "eager"
+    return "blocked" if device_type == "cpu" else "eager"

@@ -1,0 +1,126 @@
+"""The autograd tap: identity in forward; in backward, the site's statistics and L2E gradient.
+
+Statistics are gathered in the *backward* pass, by an identity autograd function that the site's
+hook (``site.py``) places on the activation. For one micro-batch its backward adds the shifted
+sums, the token count and the selected count into the site's step accumulator (skipping a
+micro-batch with a NaN/inf among its real tokens) and adds ``strength * dL_MS/dz`` to the incoming
+gradient. The eager backward below is the reference; a fused kernel (``kernels/``, chosen per
+call by ``kernels.dispatch``) does the pooled, threshold case in one pass over the activation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .accumulator import accumulate, pending
+from .inhibition import half_log_ms_grad_
+from .kernels import FusedTap
+from .position import as_sequences, position_sums
+from .selection import TokenStatistics, retrieve, sample_count, token_statistics
+from .statistics import deviations, shifted_sums
+
+
+class _Tap(torch.autograd.Function):
+    """Identity in forward; in backward, accumulates the site's statistics and adds the L2E grad."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: Tensor,
+        valid: Tensor | None,
+        site: tuple[Tensor, ...],
+        options: tuple[float, float, float, int, str, float, int],
+        loss_scale: Tensor | None = None,
+        fused: FusedTap | None = None,
+    ) -> Tensor:
+        ctx.save_for_backward(z, valid)
+        ctx.site = site
+        ctx.options = options
+        ctx.loss_scale = loss_scale
+        ctx.fused = fused
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+        z, valid = ctx.saved_tensors
+        if ctx.fused is not None:
+            return _fused_backward(ctx, z, valid, grad), None, None, None, None, None
+        mean, var, tau, count, step, acc = ctx.site
+        eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
+        z3 = as_sequences(z)  # [sequences, positions, N]
+        stats = token_statistics(mean, var, count, eps, z3.shape[1])
+        valid3 = None if valid is None else valid.view(z3.shape[:2])  # [sequences, positions]
+        # Shift K = running mean: identical on every rank, keeps the sums small.
+        d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
+        dsq = d * d
+        # phi >= tau  <=>  d^2 >= tau * denom: one comparison, no [tokens, N] score tensor. Before
+        # a statistic has data (count < MIN_COUNT) nothing is monosemantic: its bar is +inf.
+        bar = _threshold_bar(stats, tau)
+        over = dsq >= bar  # what the moving threshold counts, whatever inhibits
+        if valid3 is not None:
+            over &= valid3[..., None] > 0
+        n = z3.shape[-1]
+        if mean.ndim == 1:
+            s1, s2 = shifted_sums(d.view(-1, n), dsq.view(-1, n), valid)
+            tokens = _token_count(valid, d.view(-1, n))
+        else:
+            s1, s2, tokens = position_sums(d, dsq, valid3, mean.shape[0])
+        # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
+        # A device bool, so skipping the micro-batch costs no host sync.
+        finite = torch.isfinite(s2).all()
+        # count_nonzero, not bool .sum(): on CPU the sum widens the mask to int64 first (~15x slower).
+        hits = torch.count_nonzero(over)
+        accumulate(pending(acc, n, None if mean.ndim == 1 else mean.shape[0]), s1, s2, tokens, hits, finite)
+        if coef == 0.0:
+            return grad, None, None, None, None, None
+        selected = over
+        if retrieval != "threshold":
+            scores = (dsq / stats.denom).view(-1, n)
+            picked = retrieve(scores, retrieval, tau, ratio, topk, sample_count(z.shape), valid)
+            selected = picked.view(z3.shape) & stats.seen
+        scale = _penalty_scale(coef, tokens.sum(), finite & (step >= warmup), ctx.loss_scale)
+        extra = half_log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
+        return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None, None
+
+
+def _fused_backward(ctx: Any, z: Tensor, valid: Tensor | None, grad: Tensor) -> Tensor:
+    """The tap's backward by a fused kernel (``ctx.fused``; pooled statistics, threshold)."""
+    mean, var, tau, count, step, acc = ctx.site
+    eps, log_eps, coef, warmup = ctx.options[:4]
+    z2 = rearrange(z, "... n -> (...) n")  # [tokens, N]
+    bar = _threshold_bar(token_statistics(mean, var, count, eps, 1), tau)  # [N]
+    tokens = _token_count(valid, z2)
+    # Without the finiteness of the sums, which the kernel learns only at the end: it zeroes
+    # the penalty of a skipped micro-batch itself.
+    scale = _penalty_scale(coef, tokens, step >= warmup, ctx.loss_scale)
+    g2 = None if coef == 0.0 else rearrange(grad, "... n -> (...) n")
+    result = ctx.fused(z2, g2, valid, mean, bar, scale, log_eps)
+    n = mean.shape[0]
+    s1, s2 = result.sums[:n], result.sums[n:]
+    accumulate(pending(acc, n, None), s1, s2, tokens, result.selected, result.finite)
+    return grad if result.grad is None else result.grad.view(grad.shape)
+
+
+def _threshold_bar(stats: TokenStatistics, tau: Tensor) -> Tensor:
+    """``tau * denom``: phi >= tau  <=>  d^2 >= tau * denom, one comparison and no score tensor.
+
+    Before a statistic has data (count < MIN_COUNT) nothing is monosemantic: its bar is +inf.
+    """
+    return torch.where(stats.seen, tau, torch.inf) * stats.denom
+
+
+def _token_count(valid: Tensor | None, rows: Tensor) -> Tensor:
+    """The micro-batch's (unpadded) token rows of ``rows`` ``[tokens, N]``: 0-dim fp32."""
+    return valid.sum() if valid is not None else rows.new_full((), float(rows.shape[0]), dtype=torch.float32)
+
+
+def _penalty_scale(coef: float, tokens: Tensor, active: Tensor, loss_scale: Tensor | None) -> Tensor:
+    """The factor of ``d / (d^2 + log_eps)`` in the outgoing gradient (0 where not ``active``)."""
+    scale = torch.where(active, 2.0 * coef / tokens.clamp_min(1.0), 0.0)  # 2: d/dz log d^2 = 2/d
+    if loss_scale is not None:  # `grad` carries GradScaler's scale S; unscale_ divides by S
+        scale = scale * loss_scale
+    return scale

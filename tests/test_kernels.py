@@ -1,0 +1,291 @@
+"""The fused tap backward (blocked CPU path, Triton kernel) against the eager tap and the
+float64 reference; the dispatcher and every value of ``L2EConfig.kernel``.
+
+The Triton kernel runs here on CPU tensors under ``TRITON_INTERPRET=1`` (set by tests/conftest.py
+before anything imports triton; no autotuning, small odd shapes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from conftest import batches
+from l2e_optim import ConfigError, L2EConfig, L2EWrapper
+from l2e_optim._lab.zoo import PlainLM
+from l2e_optim._src import reference
+from l2e_optim._src.kernels import FusedTap
+from l2e_optim._src.kernels import dispatch
+from l2e_optim._src.kernels.blocked_tap import BlockedTap
+from l2e_optim._src.tap import _Tap
+
+EPS, LOG_EPS, COEF, TAU = 0.01, 1e-6, 0.5, 1.5
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def interpret() -> Iterator[None]:
+    """The Triton kernel under TRITON_INTERPRET=1 (conftest sets it without a GPU, before any
+    import of triton; with a GPU the kernel runs on the device in tests/test_cuda.py instead)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU is present): tests/test_cuda.py runs the kernel")
+    module = importlib.import_module("l2e_optim._src.kernels.triton_tap")
+    assert type(module._tap_backward_kernel).__name__ == "InterpretedFunction"
+    yield
+
+
+def triton_impl() -> FusedTap:
+    from l2e_optim._src.kernels.triton_tap import triton_tap
+
+    return triton_tap
+
+
+def make_impl(kind: str) -> FusedTap | None:
+    return {"eager": lambda: None, "blocked": BlockedTap, "triton": triton_impl}[kind]()
+
+
+def inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Heavy-tailed activations (so some values pass the threshold), gradient, mean, var."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    z = torch.randn(shape, generator=g) + (torch.rand(shape, generator=g) < 0.05) * 6.0
+    grad = torch.randn(shape, generator=g) * 1e-2
+    return z.to(dtype), grad.to(dtype), torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) + 0.5
+
+
+def run_tap(
+    fused: FusedTap | None, z: Tensor, grad: Tensor, valid: Tensor | None, mean: Tensor, var: Tensor,
+    *, coef: float = COEF, step: int = 5, warmup: int = 0, count: int = 10, loss_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The outgoing gradient and the step accumulator after one micro-batch through the tap."""
+    n, device = z.shape[-1], z.device
+    acc = torch.zeros(2 * n + 3, device=device)
+    scalars = [torch.tensor(v, device=device) for v in (TAU, count, step)]
+    site = (mean.to(device), var.to(device), *scalars, acc)
+    options = (EPS, LOG_EPS, coef, warmup, "threshold", 0.02, 1)
+    leaf = z.detach().clone().requires_grad_()
+    _Tap.apply(leaf, valid, site, options, loss_scale, fused).backward(grad)  # type: ignore[no-untyped-call]
+    assert leaf.grad is not None
+    return leaf.grad, acc
+
+
+def padding(tokens: int, seed: int = 1) -> Tensor:
+    valid = (torch.rand(tokens, generator=torch.Generator().manual_seed(seed)) > 0.3).float()
+    valid[0] = 1.0
+    return valid
+
+
+def assert_matches_eager(kind: str, z: Tensor, grad: Tensor, valid: Tensor | None, mean: Tensor, var: Tensor) -> None:
+    want_grad, want_acc = run_tap(None, z, grad, valid, mean, var)
+    got_grad, got_acc = run_tap(make_impl(kind), z, grad, valid, mean, var)
+    n = z.shape[-1]
+    assert got_acc[2 * n + 1] == want_acc[2 * n + 1] > 0  # the selected count: exact
+    torch.testing.assert_close(got_acc, want_acc, rtol=1e-5, atol=1e-4)
+    if z.dtype == torch.float32 or kind == "blocked":
+        # blocked computes what eager computes, op for op; Triton differs by fp32 contraction.
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-8)
+    else:  # eager rounds the penalty to the gradient's dtype before adding it; Triton does not
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=2e-2, atol=1e-3)
+
+
+SHAPES = [(37, 300), (3, 5, 19), (1, 1), (70, 129)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_matches_eager(shape: tuple[int, ...], dtype: torch.dtype, masked: bool) -> None:
+    z, grad, mean, var = inputs(shape, dtype)
+    if shape == (1, 1):
+        z = torch.full(shape, 9.0, dtype=dtype)  # one value, selected
+    tokens = z.numel() // shape[-1]
+    assert_matches_eager("blocked", z, grad, padding(tokens) if masked else None, mean, var)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_matches_eager(interpret: None, shape: tuple[int, ...], dtype: torch.dtype, masked: bool) -> None:
+    z, grad, mean, var = inputs(shape, dtype)
+    if shape == (1, 1):
+        z = torch.full(shape, 9.0, dtype=dtype)
+    tokens = z.numel() // shape[-1]
+    assert_matches_eager("triton", z, grad, padding(tokens) if masked else None, mean, var)
+
+
+def test_blocked_spans_several_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("l2e_optim._src.kernels.blocked_tap.BLOCK_VALUES", 7 * 33)  # 7-row blocks
+    z, grad, mean, var = inputs((45, 33), torch.float32)
+    assert_matches_eager("blocked", z, grad, padding(45), mean, var)
+
+
+def test_triton_spans_several_programs(interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("l2e_optim._src.kernels.triton_tap.TARGET_PROGRAMS", 2)  # 2 stripes x 3 rows
+    z, grad, mean, var = inputs((70, 200), torch.float32)
+    assert_matches_eager("triton", z, grad, padding(70), mean, var)
+
+
+@pytest.mark.parametrize("kind", ["blocked", "triton"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_matches_float64_reference(interpret: None, kind: str, masked: bool) -> None:
+    z, grad, mean, var = inputs((13, 70), torch.float32, seed=3)
+    valid = padding(13) if masked else None
+    got_grad, acc = run_tap(make_impl(kind), z, grad, valid, mean, var)
+    want_grad, s1, s2, selected = reference.tap_backward(
+        z, grad, None if valid is None else valid.tolist(), mean, var, TAU, EPS, LOG_EPS, COEF
+    )
+    n = z.shape[-1]
+    assert int(acc[2 * n + 1]) == selected > 0
+    torch.testing.assert_close(acc[:n].double(), torch.tensor(s1, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc[n : 2 * n].double(), torch.tensor(s2, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    assert float(acc[2 * n]) == (13.0 if valid is None else float(valid.sum()))
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["blocked", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_microbatch_is_skipped(interpret: None, kind: str, bad: float) -> None:
+    z, grad, mean, var = inputs((20, 40), torch.float32)
+    valid = padding(20)
+    z[0, 3] = bad  # a real token
+    got_grad, acc = run_tap(make_impl(kind), z, grad, valid, mean, var)
+    n = 40
+    assert torch.equal(got_grad, grad)  # the micro-batch's penalty is dropped entirely
+    assert torch.equal(acc[: 2 * n + 2], torch.zeros(2 * n + 2)) and acc[2 * n + 2] == 1
+    if bad != bad:  # NaN: eager agrees (an inf value is selected, and eager's 0 * (inf/inf) is NaN)
+        want_grad, want_acc = run_tap(None, z, grad, valid, mean, var)
+        assert torch.equal(want_grad, grad) and torch.equal(want_acc, acc)
+
+
+@pytest.mark.parametrize("kind", ["blocked", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_padding_is_ignored(interpret: None, kind: str, bad: float) -> None:
+    z, grad, mean, var = inputs((20, 40), torch.float32)
+    valid = padding(20)
+    row = int((valid == 0).nonzero()[0])
+    clean = run_tap(make_impl(kind), z, grad, valid, mean, var)
+    z[row, 3] = bad  # padding's own business: the real tokens still count
+    got_grad, acc = run_tap(make_impl(kind), z, grad, valid, mean, var)
+    assert torch.equal(got_grad, clean[0]) and torch.equal(acc, clean[1]) and acc[-1] == 0
+    want_grad, want_acc = run_tap(None, z, grad, valid, mean, var)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(acc, want_acc, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["blocked", "triton"])
+def test_fused_is_deterministic_and_inert_where_it_must_be(interpret: None, kind: str) -> None:
+    z, grad, mean, var = inputs((37, 300), torch.float32)
+    impl = make_impl(kind)
+    first, second = run_tap(impl, z, grad, None, mean, var), run_tap(impl, z, grad, None, mean, var)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for inert in ({"coef": 0.0}, {"step": 1, "warmup": 2}, {"count": 1}):  # no penalty: grad exact
+        got, _ = run_tap(impl, z, grad, None, mean, var, **inert)  # type: ignore[arg-type]
+        assert torch.equal(got, grad), inert
+    scaled, _ = run_tap(impl, z, grad * 1024, None, mean, var, loss_scale=torch.tensor(1024.0))
+    torch.testing.assert_close(scaled / 1024, first[0])  # GradScaler's scale is applied
+
+
+def test_pick_kernel_table() -> None:
+    pick = dispatch.pick_kernel
+    cpu = {"device_type": "cpu", "compiling": False, "triton_ok": True}
+    cuda = {"device_type": "cuda", "compiling": False, "triton_ok": True}
+    assert pick("auto", fusable=True, **cpu) == "blocked"  # type: ignore[arg-type]
+    assert pick("auto", fusable=True, **cuda) == "triton"  # type: ignore[arg-type]
+    assert pick("auto", fusable=True, device_type="cuda", compiling=False, triton_ok=False) == "eager"
+    assert pick("auto", fusable=True, device_type="mps", compiling=False, triton_ok=True) == "eager"
+    assert pick("auto", fusable=False, **cuda) == "eager"  # type: ignore[arg-type]
+    assert pick("auto", fusable=True, device_type="cuda", compiling=True, triton_ok=True) == "eager"
+    for requested in ("blocked", "triton"):
+        assert pick(requested, fusable=True, **cpu) == requested  # type: ignore[arg-type]
+        assert pick(requested, fusable=True, device_type="cpu", compiling=True, triton_ok=True) == "eager"
+    assert pick("eager", fusable=True, **cuda) == "eager"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("retrieval", ["threshold", "sample-topk", "batch-topk", "token-topk", "random"])
+@pytest.mark.parametrize("inhibition", ["l2e", "memel", "none"])
+def test_chooser_runs_eager_where_the_gradient_needs_a_ranking(retrieval: str, inhibition: str) -> None:
+    config = L2EConfig(inhibition=inhibition, retrieval=retrieval)  # type: ignore[arg-type]
+    chooser = dispatch.KernelChooser(config)
+    z = torch.ones(4, 8)
+    ranked = inhibition == "l2e" and retrieval != "threshold"
+    assert chooser.name(z) == ("eager" if ranked else "blocked")
+    assert (chooser.choose(z) is None) == ranked
+    assert chooser.name(torch.ones(0, 8)) == "eager"
+    assert dispatch.KernelChooser(L2EConfig(kernel="eager")).choose(z) is None
+    if ranked:
+        for kernel in ("blocked", "triton"):
+            with pytest.raises(ConfigError, match=f"kernel='{kernel}' fuses pooled statistics and the threshold retrieval only"):
+                L2EConfig(inhibition=inhibition, retrieval=retrieval, kernel=kernel)  # type: ignore[arg-type]
+
+
+def test_per_position_statistics_run_eager(interpret: None, corpus: Tensor) -> None:
+    config = L2EConfig(statistics="per-position", max_positions=8)
+    assert dispatch.KernelChooser(config).name(torch.ones(4, 8)) == "eager"
+    for kernel in ("blocked", "triton"):
+        with pytest.raises(ConfigError, match="statistics='per-position'"):
+            L2EConfig(statistics="per-position", kernel=kernel)  # type: ignore[arg-type]
+
+
+def test_kernel_config_values() -> None:
+    for kernel in ("auto", "eager", "blocked", "triton"):
+        assert L2EConfig(kernel=kernel).kernel == kernel  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="kernel='cuda' is not one of"):
+        L2EConfig(kernel="cuda")  # type: ignore[arg-type]
+
+
+def test_triton_kernel_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = PlainLM(layers=2)
+    config = L2EConfig(kernel="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors but the model is on cpu"):
+        L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=config)
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
+    with pytest.raises(RuntimeError, match=r"pip install 'l2e_optim\[gpu\]'"):
+        L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=config)
+
+
+def train(kernel: str, corpus: Tensor, inhibition: str = "l2e") -> tuple[list[Tensor], list[Tensor]]:
+    model = PlainLM(layers=2)
+    config = L2EConfig(kernel=kernel, inhibition=inhibition, warmup_steps=1, strength=0.05, ratio=0.05)  # type: ignore[arg-type]
+    opt = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.05), model, config=config)
+    data = batches(corpus, 3, 17)
+    mask = torch.ones(3, 16)  # the loss feeds ids[:, :-1]
+    mask[2, 10:] = 0
+    for step in range(4):
+        opt.set_token_mask(mask if step % 2 else None)
+        model.loss(next(data)).backward()  # type: ignore[operator]
+        opt.step()
+        opt.zero_grad()
+    assert all(float(s.selected_fraction) > 0 for s in opt.sites.values())
+    return [p.detach() for p in model.parameters()], [t for s in opt.sites.values() for t in s.tensors().values()]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "blocked", "triton"])
+@pytest.mark.parametrize("inhibition", ["l2e", "memel"])
+def test_training_with_each_kernel_matches_eager(interpret: None, corpus: Tensor, kernel: str, inhibition: str) -> None:
+    want_params, want_state = train("eager", corpus, inhibition)
+    got_params, got_state = train(kernel, corpus, inhibition)
+    for got, want in zip(got_params + got_state, want_params + want_state):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_importing_the_library_does_not_import_triton() -> None:
+    # torch itself imports triton when dynamo loads (an optimizer's first step does), so after a
+    # step the check is that the Triton kernel module stayed unloaded on CPU.
+    code = (
+        "import sys, torch, l2e_optim\n"
+        "assert 'triton' not in sys.modules, 'import l2e_optim imported triton'\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))\n"
+        "opt = l2e_optim.L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, sites=['2'])\n"
+        "model(torch.randn(3, 4)).sum().backward(); opt.step()\n"
+        "assert 'l2e_optim._src.kernels.triton_tap' not in sys.modules, 'the Triton tap was loaded'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)

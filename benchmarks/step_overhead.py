@@ -51,9 +51,10 @@ def make_optimizer(model: nn.Module, arm: str, seq: int) -> torch.optim.Optimize
     if parts == ["adamw"]:
         return base
     method, layers, *options = parts
+    kernel: Any = next((o for o in options if o != "per-position"), "auto")
     config = L2EConfig(inhibition=method, layers=layers, warmup_steps=0,  # type: ignore[arg-type]
                        statistics="per-position" if "per-position" in options else "pooled",
-                       max_positions=seq, kernel=next((o for o in options if o != "per-position"), "auto"))  # type: ignore[arg-type]
+                       max_positions=seq, kernel=kernel)
     return L2EWrapper(base, model, config=config)
 
 

@@ -128,17 +128,17 @@ def measure(
     """Time ``arm_names`` paired and interleaved; the first arm is the baseline."""
     models = {arm: copy.deepcopy(base_model) for arm in arm_names}
     opts = {arm: make_optimizer(models[arm], arm, seq) for arm in arm_names}
-    # Dynamo does not guard on module hooks by default: the compiled AdamW copy's hook-less graph
-    # would be reused for the hooked copies (same class, same code) and L2E would silently do
-    # nothing there (measured: no site selected anything). Guarding on hooks compiles each arm.
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
     runners: dict[str, nn.Module] = {
         arm: cast(nn.Module, torch.compile(model)) if arm.startswith("compiled/") else model
         for arm, model in models.items()
     }
     step_times: dict[str, list[float]] = {arm: [] for arm in arm_names}
     arms = {arm: make_step(runners[arm], opts[arm], batches, step_times[arm]) for arm in arm_names}
-    wall, cpu = _common.paired_times(arms, rounds=rounds, warmup=2)
+    # Dynamo does not guard on module hooks by default: the compiled AdamW copy's hook-less graph
+    # would be reused for the hooked copies (same class, same code) and L2E would silently do
+    # nothing there (measured: no site selected anything). Guarding on hooks compiles each arm.
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        wall, cpu = _common.paired_times(arms, rounds=rounds, warmup=2)
 
     base = arm_names[0]
     _check_inhibition_live(models, opts, base)

@@ -49,6 +49,9 @@ def kill_during_saves(folder: pathlib.Path, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     path = folder / "ckpt.safetensors"
     model, opt = build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # version 0: a kill before the first child's save completes loads this
     save_checkpoint(path, opt, model=model, metadata={"version": 0})
     last, left_behind = 0, 0
     fork = multiprocessing.get_context("fork")

@@ -78,7 +78,7 @@ CASES_2_AND_4: list[tuple[str, Edit, str]] = [
     ("user-list", lambda t, m: m.update({"user": "[1, 2]"}), "user: the metadata is a JSON list"),
     ("user-number", lambda t, m: m.update({"user": "5"}), "user: the metadata is a JSON int"),
     ("user-null", lambda t, m: m.update({"user": "null"}), "user: the metadata is a JSON NoneType"),
-    ("lr-lambdas", _scheduler("lr_lambdas", [5]), "scheduler.lr_lambdas.0: a number"),
+    ("lr-lambdas", _scheduler("lr_lambdas", [5]), "scheduler.lr_lambdas.0: a int, the scheduler has a NoneType"),
     ("float8-state", _tensor("optimizer.state.0.exp_avg", lambda v: v.to(torch.float8_e4m3fn)), "exp_avg: dtype torch.float8"),
     ("param-ids-as-lists", _meta("optimizer.param_groups", lambda g: [dict(x, params=[[i] for i in x["params"]]) for x in g]), "parameter ids must be integers"),
     ("nested-600", _nested(600), "nested more than"),
@@ -89,6 +89,8 @@ CASES_2_AND_4: list[tuple[str, Edit, str]] = [
     ("betas-one", _group("betas", {"__tuple__": [0.9, 1.5]}), "param_groups.0.betas: 1.5 is not in [0, 1)"),
     ("lr-negative", _group("lr", -1.0), "param_groups.0.lr: -1.0 is negative"),
     ("base-lrs-nan", _scheduler("base_lrs", [NAN]), "scheduler.base_lrs.0: nan"),
+    ("last-epoch-float", _scheduler("last_epoch", -1e30), "scheduler.last_epoch: a float"),
+    ("last-epoch-negative", _scheduler("last_epoch", -7), "scheduler.last_epoch: -7.0 is below -1"),
     ("exp-avg-sq-negative", _tensor(EXP_AVG_SQ, lambda v: -v - 1), "exp_avg_sq: contains negative"),
     ("exp-avg-sq-zero", _tensor(EXP_AVG_SQ, lambda v: v.zero_()), "exp_avg: exceeds"),
     ("exp-avg-huge", _tensor("optimizer.state.0.exp_avg", lambda v: v.fill_(1e30)), "exp_avg: exceeds"),
@@ -252,3 +254,32 @@ def test_loaded_state_does_not_view_the_file(tmp_path: pathlib.Path) -> None:
     child.start()
     child.join()
     assert child.exitcode == 0, f"reading the loaded state crashed the process (exit code {child.exitcode})"
+
+
+def _set_entry(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state["state"][0].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (_set_entry("exp_avg", "x"), "state.0.exp_avg: expected a tensor"),
+        (_set_entry("exp_avg_sq", None), "state.0.exp_avg_sq: expected a tensor"),
+        (_set_entry("step", -3.0), "state.0.step: -3.0 is not a finite value"),
+        (lambda s: s["param_groups"][0].__setitem__("params", [[0]] * len(s["param_groups"][0]["params"])), "parameter ids"),
+        (lambda s: s["param_groups"][0].__setitem__("lr", "fast"), "param_groups.0.lr: expected a number"),
+        (lambda s: s["param_groups"][0].__setitem__("amsgrad", 1), "param_groups.0.amsgrad: expected a bool"),
+        (lambda s: s["state"].__setitem__(10**6, {}), "state.1000000: state for a parameter id that no group lists"),
+    ],
+    ids=["tensor-as-str", "tensor-as-none", "negative-step", "ids-as-lists", "lr-str", "flag-int", "unlisted-id"],
+)
+def test_state_dicts_of_the_wrong_shape_are_refused_unchanged(
+    good: tuple[pathlib.Path, Run], corrupt: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    _, target = good
+    state = _clone(target.opt.state_dict())
+    corrupt(state)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match=expected):
+        target.opt.load_state_dict(state)
+    assert_same(snapshot(target), before)

@@ -88,8 +88,9 @@ def validate_base_state(state_dict: Mapping[str, Any], optimizer: torch.optim.Op
             raise CheckpointError(f"{prefix}state.{pid}: expected a dict, got {type(entry).__name__}")
         live_state = optimizer.state.get(params[pid])
         where = f"{prefix}state.{pid}"
-        _check_state_keys(where, entry, live_state, REQUIRED_STATE.get(type(optimizer), frozenset()))
-        _check_param_state(where, entry, params[pid], live_state, elementwise)
+        required = REQUIRED_STATE.get(type(optimizer), frozenset())
+        _check_state_keys(where, entry, live_state, required)
+        _check_param_state(where, entry, params[pid], live_state, elementwise, required)
         if isinstance(optimizer, torch.optim.Adam):
             check_adam_moments(where, entry, saved_group[pid].get("betas"))
     trial_load(optimizer, state_dict, prefix)
@@ -223,7 +224,9 @@ def check_adam_moments(where: str, entry: Mapping[str, Any], betas: Any) -> None
         )
 
 
-def _check_param_state(prefix: str, entry: Mapping[str, Any], param: Tensor, live: Any, elementwise: bool) -> None:
+def _check_param_state(
+    prefix: str, entry: Mapping[str, Any], param: Tensor, live: Any, elementwise: bool, required: frozenset[str]
+) -> None:
     known_state = live if isinstance(live, Mapping) else {}
     for key, value in entry.items():
         name = f"{prefix}.{key}"
@@ -234,6 +237,10 @@ def _check_param_state(prefix: str, entry: Mapping[str, Any], param: Tensor, liv
                 raise CheckpointError(f"{name}: contains NaN or inf")
             continue
         if not isinstance(value, Tensor):
+            # A tensor the optimizer keeps (its live entry, or torch's own keys) must stay one;
+            # only `step` may be a number (older torch saved it so, and load converts it).
+            if key != "step" and (isinstance(known, Tensor) or key in required):
+                raise CheckpointError(f"{name}: expected a tensor, got {type(value).__name__}")
             numbers = numbers_in(value)
             if numbers is not None and not all(math.isfinite(n) and (n >= 0 or key not in NONNEGATIVE_STATE) for n in numbers):
                 raise CheckpointError(f"{name}: {value!r} is not a finite value in range")

@@ -64,16 +64,18 @@ def _same_structure(saved: Any, live: Any, path: str) -> None:
             raise CheckpointError(f"{path}: expected a list of {len(live)} entries")
         for i, (a, b) in enumerate(zip(saved, live)):
             _same_structure(a, b, f"{path}.{i}")
-    elif _kind(saved) != _kind(live):
-        raise CheckpointError(f"{path}: a {_kind(saved)}, the scheduler has a {_kind(live)} here")
+    elif not _same_kind(saved, live):
+        raise CheckpointError(f"{path}: a {type(saved).__name__}, the scheduler has a {type(live).__name__} here")
 
 
-def _kind(value: Any) -> str:
-    if value is None or isinstance(value, (bool, str)):
-        return type(value).__name__
-    if isinstance(value, (int, float)):
-        return "number"
-    return type(value).__name__
+def _same_kind(saved: Any, live: Any) -> bool:
+    """None, bool, str and int stay what they are (an epoch count stays an int); a float may
+    come back as an int (JSON writes 1.0 as 1.0, but a scheduler may hold either)."""
+    if isinstance(live, bool) or isinstance(saved, bool):
+        return isinstance(live, bool) and isinstance(saved, bool)
+    if isinstance(live, float):
+        return isinstance(saved, (int, float))
+    return type(saved) is type(live) or (isinstance(live, Tensor) and isinstance(saved, Tensor))
 
 
 def _check_values(saved: Any, path: str, key: str) -> None:
@@ -93,3 +95,9 @@ def _check_values(saved: Any, path: str, key: str) -> None:
     for number in numbers:
         if math.isnan(number) or (is_lr and not (math.isfinite(number) and number >= 0)):
             raise CheckpointError(f"{path}: {number} is not a valid value" + (" for a learning rate" if is_lr else ""))
+        if key in _COUNTERS and number < _COUNTERS[key]:
+            raise CheckpointError(f"{path}: {number} is below {_COUNTERS[key]}")
+
+
+#: Epoch and step counters of torch's schedulers, with their least valid value.
+_COUNTERS = {"last_epoch": -1, "_step_count": 0, "num_bad_epochs": 0, "cooldown_counter": 0}

@@ -69,13 +69,18 @@ class StateDictMethods:
 
     def _validate_load(self, state_dict: Mapping[str, Any], reset: bool) -> tuple[dict[str, Any], Any]:
         """The base part and the L2E entry (None: reset) of ``state_dict``, validated once."""
-        base_state, l2e = split_l2e_state(state_dict, self._record_names)
-        validate_base_state(base_state, self._base)
-        if reset:
-            return base_state, None
-        if l2e is None:
-            raise CheckpointError(MISSING_L2E)
-        validate_l2e_state(l2e, self.config, self._sites)
+        try:
+            base_state, l2e = split_l2e_state(state_dict, self._record_names)
+            validate_base_state(base_state, self._base)
+            if reset:
+                return base_state, None
+            if l2e is None:
+                raise CheckpointError(MISSING_L2E)
+            validate_l2e_state(l2e, self.config, self._sites)
+        except CheckpointError:
+            raise
+        except Exception as error:  # a state shaped to trip a check itself; nothing has changed
+            raise CheckpointError(f"cannot be validated ({type(error).__name__}: {error})") from error
         return base_state, l2e
 
     def _load_validated(self, base_state: dict[str, Any], l2e: Any) -> None:

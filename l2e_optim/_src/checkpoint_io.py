@@ -153,7 +153,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate it
         return True
     try:
         os.kill(pid, 0)

@@ -19,11 +19,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 
 from l2e_optim import CheckpointError, L2EWrapper, load_checkpoint
 from test_distributed import (
@@ -41,6 +43,7 @@ from test_distributed import (
     train,
 )
 
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # torchtitan's layout
 DATA = pathlib.Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))  # make_layout1: the model of the layout-1 files
 
@@ -95,8 +98,47 @@ def ddp_build(seed: int) -> tuple[nn.Module, L2EWrapper]:
     return model, adamw_opt(model)
 
 
+class FlatOptimizers(Stateful):
+    """What torchtitan's ``OptimizersContainer`` does (docs/distributed.md), without torchtitan:
+    a ``Stateful`` whose state dict is the flat, FQN-keyed optimizer state (``state.<fqn>.<key>``),
+    which DCP saves, reshards and loads. The load is the recipe's: base part, then L2E records."""
+
+    def __init__(self, model: nn.Module, opt: L2EWrapper) -> None:
+        self.model, self.opt = model, opt
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.opt, options=FLAT)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.opt.load_flat_l2e_state(state_dict)  # validated; the unflattening below drops them
+        set_optimizer_state_dict(self.model, self.opt.base_optimizer, state_dict, options=FLAT)
+
+
+def stateful_round_trip(rank: int, out: pathlib.Path) -> dict[str, Any]:
+    """FSDP2 through a Stateful container, saved and loaded the way torchtitan's checkpointer does."""
+    model, opt = fsdp_build(0)
+    train(model, opt, odd_loss, global_batches(FSDP_STEPS), rank, WORLD)
+    saved = {"l2e": l2e_state(opt), "step": opt.step_count.clone()}
+    dcp.save({"model": get_model_state_dict(model), "optimizer": FlatOptimizers(model, opt)}, checkpoint_id=str(out / "flat"))
+    later = global_batches(RESUME_STEPS, skip=FSDP_STEPS)
+    train(model, opt, odd_loss, later, rank, WORLD)
+    continued = {"l2e": l2e_state(opt), "params": full_params(model)}
+    model, opt = fsdp_build(1)
+    states = {"model": get_model_state_dict(model), "optimizer": FlatOptimizers(model, opt)}
+    dcp.load(states, checkpoint_id=str(out / "flat"))  # calls the Stateful's load_state_dict
+    set_model_state_dict(model, states["model"])
+    loaded = {"l2e": l2e_state(opt), "step": opt.step_count.clone()}
+    train(model, opt, odd_loss, later, rank, WORLD)
+    resumed = {"l2e": l2e_state(opt), "params": full_params(model)}
+    return {"saved": saved, "loaded": loaded, "continued": continued, "resumed": resumed, "untouched": True}
+
+
 def dcp_job(rank: int, out: pathlib.Path) -> dict[str, Any]:
-    return {"fsdp": round_trip(rank, out, "fsdp", fsdp_build), "ddp": round_trip(rank, out, "ddp", ddp_build)}
+    return {
+        "fsdp": round_trip(rank, out, "fsdp", fsdp_build),
+        "ddp": round_trip(rank, out, "ddp", ddp_build),
+        "stateful": stateful_round_trip(rank, out),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +159,7 @@ def assert_bytes_equal(got: dict[str, dict[str, torch.Tensor]], want: dict[str, 
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp", "stateful"])
 def test_dcp_round_trip_on_two_ranks_is_exact(
     dcp_run: tuple[pathlib.Path, list[dict[str, Any]]], parallel: str
 ) -> None:
@@ -235,9 +277,7 @@ def test_dcp_load_without_records_is_an_error_unless_reset(tmp_path: pathlib.Pat
 def test_flat_state_dict_loads_through_load_flat_l2e_state() -> None:
     """torchtitan's path: flatten_optimizer_state_dict=True drops keys the live base state
     lacks on load, so the records come back by name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    flat = FLAT
     model, opt = trained()
     saved = get_optimizer_state_dict(model, opt, options=flat)
     assert any(".l2e.sites." in key for key in saved)

@@ -117,3 +117,10 @@ def test_tap_bytes(capsys: pytest.CaptureFixture[str]) -> None:
     assert per["triton"] < 10 < per["eager"]  # bf16: 6 bytes of z, grad in, grad out, plus partials
     lines = result["dtypes"]["float32"]["roofline_h100"]["eager"]
     assert set(lines) == {"70m", "410m", "2.8b"}
+
+
+def test_tap_time(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import tap_time
+
+    result = _run(tap_time.main, capsys)
+    _finite(result["eager_ms"], result["blocked_ms"], result["blocked_over_eager"])

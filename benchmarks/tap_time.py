@@ -1,0 +1,66 @@
+"""CPU time of one site's tap backward, eager against the blocked fused path, paired.
+
+    python -m benchmarks.tap_time [--smoke] [--tokens T] [--neurons N] [--rounds R]
+
+One ``[tokens, N]`` fp32 activation (default ``[512, 2048]``: one Pythia-70M site at 4 x 128
+tokens) with statistics present and a live L2E gradient; each round runs both implementations'
+backward once, in rotating order; the ratio is the median of the per-round ratios. Correctness
+first: the blocked gradient must equal the eager one bit for bit, and the sums agree to fp32
+rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from l2e_optim._src.kernels.blocked_tap import BlockedTap
+from l2e_optim._src.tap import _Tap
+
+from . import _common
+
+
+def backward_of(fused: BlockedTap | None, tokens: int, neurons: int) -> tuple[Callable[[], Any], torch.Tensor]:
+    """A call that runs the tap's backward once; and the step accumulator it adds into."""
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(tokens, neurons, generator=g) * 2).requires_grad_()
+    grad = torch.randn(tokens, neurons, generator=g) * 1e-2
+    acc = torch.zeros(2 * neurons + 3)
+    site = (torch.zeros(neurons), torch.ones(neurons), torch.tensor(5.0), torch.tensor(100), torch.tensor(50), acc)
+    options = (0.01, 1e-6, 1e-3, 10, "threshold", 0.02, 1)
+
+    def run() -> torch.Tensor:
+        out = _Tap.apply(z, None, site, options, None, fused)  # type: ignore[no-untyped-call]
+        return torch.autograd.grad(out, z, grad)[0]
+
+    return run, acc
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    eager, eager_acc = backward_of(None, args.tokens, args.neurons)
+    blocked, blocked_acc = backward_of(BlockedTap(), args.tokens, args.neurons)
+    assert torch.equal(eager(), blocked()), "the blocked gradient differs from the eager one"
+    torch.testing.assert_close(blocked_acc, eager_acc, rtol=1e-5, atol=1e-3)
+    _, cpu = _common.paired_times({"eager": eager, "blocked": blocked}, rounds=args.rounds, warmup=2)
+    ratio = _common.paired_ratio(cpu["blocked"], cpu["eager"])
+    rows = [[name, _common.median(cpu[name]) * 1e3] for name in ("eager", "blocked")]
+    print(f"tap_time: [{args.tokens}, {args.neurons}] fp32, {args.rounds} rounds, "
+          f"loadavg={_common.machine()['loadavg']}; blocked / eager = {ratio:.3f}")
+    print(_common.table(["tap", "median CPU ms"], rows))
+    return {"tokens": args.tokens, "neurons": args.neurons, "rounds": args.rounds, "smoke": args.smoke,
+            "eager_ms": rows[0][1], "blocked_ms": rows[1][1], "blocked_over_eager": ratio,
+            "checks": {"gradient_bit_identical": True, "sums_close": True}}
+
+
+OPTIONS: dict[str, _common.Default] = {"tokens": (64, 512), "neurons": (256, 2048), "rounds": (3, 40)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    _common.main("tap_time", __doc__, run, argv, OPTIONS, smoke_help="a small activation (for CI)")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ and 4). Uses test_checkpoint's real tiny GPT-NeoX runs and files."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import stat
@@ -283,3 +284,27 @@ def test_state_dicts_of_the_wrong_shape_are_refused_unchanged(
     with pytest.raises(CheckpointError, match=expected):
         target.opt.load_state_dict(state)
     assert_same(snapshot(target), before)
+
+
+@pytest.mark.parametrize("dtype, slack", [(torch.float32, 1.0 + 1e-5), (torch.bfloat16, 4.0)])
+@pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.999)])
+def test_the_adam_moment_bound_holds_in_training(dtype: torch.dtype, slack: float, betas: tuple[float, float]) -> None:
+    """|m| <= c sqrt(v) is a theorem for fp32 moments; bf16 moments stay within the loader's 4c."""
+    from l2e_optim._lab.zoo import PlainLM
+    from l2e_optim._src.base_state import check_adam_moments
+
+    model = PlainLM(seed=0).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=betas)
+    b1, b2 = betas
+    c = (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))
+    worst = 0.0
+    for ids in data(30):
+        model.loss(ids).backward()
+        opt.step()
+        opt.zero_grad()
+        for state in opt.state.values():
+            m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+            ratio = m.abs() / v.sqrt().clamp_min(1e-30)
+            worst = max(worst, float(ratio[v > 0].max()) if bool((v > 0).any()) else 0.0)
+            check_adam_moments("state", state, betas)  # the loader accepts every state of the run
+    assert worst <= slack * c, (worst, c)

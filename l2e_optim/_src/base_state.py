@@ -215,12 +215,14 @@ def check_adam_moments(where: str, entry: Mapping[str, Any], betas: Any) -> None
     if not 0.0 < b2 < 1.0 or b1 * b1 >= b2:
         return
     c = (1.0 - b1) / math.sqrt((1.0 - b2) * (1.0 - b1 * b1 / b2))
-    # Slack for rounding (bf16 state) and for second moments that underflowed to 0.
-    bound = 1.01 * c * v.double().clamp_min(0.0).sqrt() + 1e-20
+    # A factor 4 of slack: for rounding (bf16 state, whose EMA can stall), for betas changed by
+    # a schedule since the moments were gathered, and an absolute term for second moments that
+    # underflowed to 0. Corrupt moments (v = 0 under m = 1e-3, m = 1e30) are far beyond it.
+    bound = 4.0 * c * v.double().clamp_min(0.0).sqrt() + 1e-20
     if bool((m.double().abs() > bound).any()):
         raise CheckpointError(
-            f"{where}.exp_avg: exceeds {c:.3g} * sqrt(exp_avg_sq) somewhere, which no gradient "
-            "sequence produces; the moments are corrupt"
+            f"{where}.exp_avg: exceeds 4 * {c:.3g} * sqrt(exp_avg_sq) somewhere, far beyond what "
+            f"any gradient sequence produces (at most {c:.3g}); the moments are corrupt"
         )
 
 

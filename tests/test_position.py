@@ -10,7 +10,14 @@ from torch import nn
 
 from conftest import batches
 from l2e_optim._lab.zoo import PlainLM, tiny_gpt_neox
-from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, monosemanticity_scores, position_shares
+from l2e_optim import (
+    CheckpointError,
+    L2EConfig,
+    L2EWrapper,
+    false_killing_rate,
+    monosemanticity_scores,
+    position_shares,
+)
 from l2e_optim._src import reference
 from test_gradient import capture, lm_loss, penalised_values, site_before_and_after, warmed_up
 from test_wrapper import _SyncTrap
@@ -200,3 +207,19 @@ def test_no_host_sync_with_per_position_statistics(corpus: torch.Tensor, mode: s
             opt.step()
             opt.zero_grad()
     assert {n: {k: v.data_ptr() for k, v in s.tensors().items()} for n, s in opt.sites.items()} == storage
+
+
+def test_fkr_tooling_takes_per_position_scores(corpus: torch.Tensor) -> None:
+    # The FKR of a wrapper's per-position statistics: score with the site's rows, flatten, measure.
+    config = per_position(inhibition="none", warmup_steps=0)
+    model, opt, data = warmed_up(config, corpus)
+    site = next(iter(opt.sites.values()))
+    seen, _ = capture(model, [site.name])
+    ids = torch.cat([next(data) for _ in range(4)])  # type: ignore[call-overload]
+    with torch.no_grad():
+        model(input_ids=ids)
+    phi = monosemanticity_scores(seen[site.name][0], site.mean, site.var, eps=config.eps, count=site.count)
+    features = ids.reshape(-1) % 3  # any labelling
+    fkr = float(false_killing_rate(phi.reshape(-1, site.neurons), features, ratio=0.02))
+    assert 0.0 <= fkr <= 1.0
+    assert phi.shape == (*ids.shape, site.neurons)

@@ -123,8 +123,9 @@ def run_part(width: str, mode: str, device: torch.device, deadline: float, round
     part.update(batch=batch, seq=seq)
     try:
         vocab = 256 if width == "tiny" else PYTHIA_VOCAB
-        model: nn.Module = build_model(WIDTHS[width], vocab_size=vocab, max_positions=seq)
-        model.to(device).train()
+        with device:  # initialised on the device: a 1.4B model's CPU init alone takes half a minute
+            model: nn.Module = build_model(WIDTHS[width], vocab_size=vocab, max_positions=seq)
+        model.train()
         ids = torch.randint(0, vocab, (batch, seq + 1), device=device)
         cap = min(PART_CAP_S[mode], deadline - time.monotonic() - 10.0)
         if mode == "captured":
@@ -177,7 +178,12 @@ def time_shared(model: nn.Module, ids: torch.Tensor, mode: str, cap: float, roun
         return step
 
     try:
-        return _interleave({n: arm_step(n) for n in names}, ids.device, cap, rounds)
+        # Guard on hooks, so no arm can run a graph traced for another (see docs/benchmarks.md).
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            out = _interleave({n: arm_step(n) for n in names}, ids.device, cap, rounds)
+        for name, wrapper in wrappers.items():
+            out[name]["selected_fraction"] = _check_live(name, wrapper)
+        return out
     finally:
         for wrapper in wrappers.values():
             wrapper.remove_hooks()
@@ -206,7 +212,7 @@ def time_captured(model: nn.Module, ids: torch.Tensor, cap: float, rounds: int) 
             step()
         out[name] = _interleave({name: graph.replay}, ids.device, cap / len(ARMS), rounds)[name]
         if isinstance(opt, L2EWrapper):
-            out[name]["selected_fraction"] = [float(s.selected_fraction) for s in opt.sites.values()]
+            out[name]["selected_fraction"] = _check_live(name, opt)
             opt.remove_hooks()
         del graph, opt, base
         _release(ids.device)
@@ -237,6 +243,14 @@ def _interleave(steps: dict[str, Callable[[], None]], device: torch.device, cap:
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
     return {n: {"seconds": seconds[n], "peak_bytes": peak[n]} for n in names}
+
+
+def _check_live(name: str, opt: L2EWrapper) -> list[float]:
+    """An arm's sites really selected values (so a number is never posted for a no-op)."""
+    fractions = [float(s.selected_fraction) for s in opt.sites.values()]
+    if not all(f > 0.0 for f in fractions):
+        raise AssertionError(f"{name}: a site selected nothing ({fractions}); the timing is void")
+    return fractions
 
 
 def _release(device: torch.device) -> None:

@@ -96,6 +96,7 @@ def test_gpu_check_harness_on_cpu(capsys: pytest.CaptureFixture[str], tmp_path: 
     eager, captured = result["parts"]
     assert set(eager["arms"]) == set(gpu_check.ARMS) and "error" not in eager
     _finite(*(arm["ratio_to_adamw"] for arm in eager["arms"].values()))
+    _finite(*eager["arms"]["l2e/all"]["selected_fraction"])  # the timed arms really inhibited
     assert captured["skipped"] == "CUDA-graph capture needs a CUDA device"
     assert result["tests"] == {"skipped": "--no-tests"}
 

@@ -77,8 +77,8 @@ class L2EConfig:
             ``"auto"``: Triton on CUDA when installed, blocked on CPU, eager otherwise. The fused
             kernels implement pooled statistics and the threshold retrieval (every retrieval for
             "memel" and "none", whose tap only gathers statistics); the rest runs eager under
-            "auto". Under ``torch.compile`` the eager tap is traced whatever this says (inductor
-            fuses it).
+            "auto". Under ``torch.compile`` the eager tap is traced and compiled whatever this
+            says.
     """
 
     inhibition: Inhibition = "l2e"

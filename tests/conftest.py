@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,3 +61,21 @@ def bad_data(tmp_path: Path, case: str) -> Path:
     elif case == "binary_folder":
         (path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     return path
+
+
+def assert_identical(a: Any, b: Any, where: str = "") -> None:
+    """Nested dicts (keys in the same order) / lists / tuples / tensors equal to the bit: tensors of
+    the same dtype and shape, NaN equal to NaN; other leaves by ``==``."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all()), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from conftest import batches
+from conftest import assert_identical, batches
 from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
 from l2e_optim._lab.zoo import stdlib_bytes, tiny_gpt_neox, tiny_llama
 from l2e_optim._src import checkpoint_io
@@ -109,22 +109,6 @@ def _clone(tree: Any) -> Any:
     return tree
 
 
-def assert_same(a: Any, b: Any, path: str = "") -> None:
-    """Exact equality of nested state: tensors torch.equal with the same dtype, the rest ==."""
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}.{i}")
-    else:
-        assert a == b, path
-
-
 def assert_inhibiting(run: Run) -> None:
     assert int(run.opt.step_count) >= WARMUP
     assert any(float(s.selected_fraction) > 0 for s in run.opt.sites.values())
@@ -141,7 +125,7 @@ def resume_and_compare(case: Case, save: Callable[[Run], Any], load: Callable[[A
     resumed = build(case, seed=7)  # different initial weights: the load must overwrite them
     load(saved, resumed)
     train(resumed, inputs[BEFORE:])
-    assert_same(snapshot(resumed), snapshot(straight))
+    assert_identical(snapshot(resumed), snapshot(straight))
     return resumed
 
 
@@ -304,7 +288,7 @@ def test_bad_file_raises_and_leaves_state_unchanged(
     message = str(error.value)
     assert message.startswith(f"{bad}: "), message
     assert expected in message, message
-    assert_same(snapshot(target), before)
+    assert_identical(snapshot(target), before)
 
 
 def test_the_good_file_loads_into_the_table_target(good: tuple[pathlib.Path, Run]) -> None:
@@ -321,8 +305,8 @@ def test_parts_not_passed_are_neither_loaded_nor_unexpected(good: tuple[pathlib.
     before = snapshot(run)
     result = load_checkpoint(path, run.opt)  # the file also holds a model and a scheduler
     assert result.missing_keys == () and result.unexpected_keys == ()
-    assert_same(run.model.state_dict(), before["model"])
-    assert_same(run.sched.state_dict(), before["sched"])
+    assert_identical(run.model.state_dict(), before["model"])
+    assert_identical(run.sched.state_dict(), before["sched"])
     assert torch.equal(run.opt.sites[SITE].var, read(path)[0][f"{STAT}.var"])
 
 
@@ -382,7 +366,7 @@ def test_strict_false_loads_matching_sites_and_reports_the_rest(tmp_path: pathli
         f"optimizer.l2e.sites.gpt_neox.layers.{i}.mlp.dense_4h_to_h" for i in (0, 3)
     )
     for name, site in mid.opt.sites.items():
-        assert_same(site.tensors(), every.opt.sites[name].tensors())
+        assert_identical(site.tensors(), every.opt.sites[name].tensors())
 
 
 def test_strict_false_keeps_what_the_file_lacks(tmp_path: pathlib.Path) -> None:
@@ -396,9 +380,9 @@ def test_strict_false_keeps_what_the_file_lacks(tmp_path: pathlib.Path) -> None:
         result = load_checkpoint(path, every.opt, model=every.model, scheduler=every.sched, strict=False)
     missing = set(result.missing_keys)
     assert {"model", "scheduler", "optimizer.l2e.sites.gpt_neox.layers.0.mlp.dense_4h_to_h"} <= missing
-    assert_same(every.opt.sites["gpt_neox.layers.0.mlp.dense_4h_to_h"].tensors(), before["sites"]["gpt_neox.layers.0.mlp.dense_4h_to_h"])
-    assert_same(every.opt.sites[SITE].tensors(), mid.opt.sites[SITE].tensors())
-    assert_same(every.model.state_dict(), before["model"])
+    assert_identical(every.opt.sites["gpt_neox.layers.0.mlp.dense_4h_to_h"].tensors(), before["sites"]["gpt_neox.layers.0.mlp.dense_4h_to_h"])
+    assert_identical(every.opt.sites[SITE].tensors(), mid.opt.sites[SITE].tensors())
+    assert_identical(every.model.state_dict(), before["model"])
 
 
 def test_plain_adamw_state_into_the_wrapper(tmp_path: pathlib.Path) -> None:
@@ -416,7 +400,7 @@ def test_plain_adamw_state_into_the_wrapper(tmp_path: pathlib.Path) -> None:
         before = snapshot(target)
         with pytest.raises(CheckpointError, match="no L2E entries.*reset_l2e=True"):
             target.opt.load_state_dict(plain.state_dict())
-        assert_same(snapshot(target), before)  # refused before anything changed
+        assert_identical(snapshot(target), before)  # refused before anything changed
         if how == "argument":
             target.opt.load_state_dict(plain.state_dict(), reset_l2e=True)
         else:
@@ -424,7 +408,7 @@ def test_plain_adamw_state_into_the_wrapper(tmp_path: pathlib.Path) -> None:
             target.opt.load_state_dict(plain.state_dict())
             with pytest.raises(CheckpointError, match="no L2E entries"):  # the request is used up
                 target.opt.load_state_dict(plain.state_dict())
-        assert_same(target.opt.base_optimizer.state_dict(), plain.state_dict())
+        assert_identical(target.opt.base_optimizer.state_dict(), plain.state_dict())
         assert int(target.opt.step_count) == 0
         assert all(int(s.count) == 0 and float(s.var.abs().sum()) == 0 for s in target.opt.sites.values())
     path = tmp_path / "plain.safetensors"
@@ -450,7 +434,7 @@ def test_wrapper_state_into_a_plain_adamw(tmp_path: pathlib.Path) -> None:
             plain.step()
             plain.zero_grad()
         runs.append(model.state_dict())
-    assert_same(runs[0], runs[1])
+    assert_identical(runs[0], runs[1])
     path = tmp_path / "wrapped.safetensors"
     save_checkpoint(path, source.opt)
     with pytest.raises(CheckpointError, match="optimizer.l2e: unexpected"):
@@ -492,7 +476,7 @@ def test_wrapper_load_state_dict_is_atomic(corrupt: Callable[[dict[str, Any]], N
     before = snapshot(target)
     with pytest.raises(CheckpointError, match=expected):
         target.opt.load_state_dict(state)
-    assert_same(snapshot(target), before)
+    assert_identical(snapshot(target), before)
 
 
 def test_scheduler_of_another_kind_is_rejected(good: tuple[pathlib.Path, Run]) -> None:
@@ -502,7 +486,7 @@ def test_scheduler_of_another_kind_is_rejected(good: tuple[pathlib.Path, Run]) -
     before = snapshot(run)
     with pytest.raises(CheckpointError, match="scheduler: keys"):
         load_checkpoint(path, run.opt, model=run.model, scheduler=step_lr)
-    assert_same(snapshot(run), before)
+    assert_identical(snapshot(run), before)
 
 
 def test_the_documented_resume_example_runs(tmp_path: pathlib.Path) -> None:
@@ -562,7 +546,7 @@ def test_scheduler_state_round_trips_exactly(kind: str, tmp_path: pathlib.Path) 
     save_checkpoint(tmp_path / "s.safetensors", opt, model=model, scheduler=sched)
     model2, opt2, sched2 = make()
     load_checkpoint(tmp_path / "s.safetensors", opt2, model=model2, scheduler=sched2)
-    assert_same(sched2.state_dict(), sched.state_dict())
+    assert_identical(sched2.state_dict(), sched.state_dict())
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
 
 

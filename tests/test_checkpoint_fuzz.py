@@ -29,7 +29,8 @@ from torch import Tensor
 
 from l2e_optim import CheckpointError, load_checkpoint, save_checkpoint
 from l2e_optim._src.checkpoint_io import checksum
-from test_checkpoint import CASES, BEFORE, Run, assert_same, build, data, read, snapshot, train
+from conftest import assert_identical
+from test_checkpoint import CASES, BEFORE, Run, build, data, read, snapshot, train
 
 Variant = tuple[str, bytes]
 ABSURD_NUMBERS: list[Any] = [math.nan, math.inf, -math.inf, -1, -1e30, 1e30, 0, 2**63 - 1, 2**70, -(2**63)]
@@ -212,7 +213,7 @@ def check(name: str, blob: bytes, tmp: pathlib.Path, target: Run) -> str:
             warnings.simplefilter("ignore")  # a fuzzed L2E config differs: warned, and ignored
             load_checkpoint(path, target.opt, model=target.model, scheduler=target.sched)
     except CheckpointError:
-        assert_same(snapshot(target), before)
+        assert_identical(snapshot(target), before)
         return "refused"
     except Exception as error:  # noqa: BLE001 - the property: nothing else may escape
         raise AssertionError(f"{name}: {type(error).__name__} escaped: {error}") from error

@@ -18,12 +18,12 @@ from torch import Tensor
 
 from l2e_optim import CheckpointError, L2EConfig, L2EWrapper, load_checkpoint, save_checkpoint
 from l2e_optim._lab.zoo import tiny_gpt_neox
+from conftest import assert_identical
 from test_checkpoint import (  # noqa: F401  (good is a fixture)
     CASES,
     STAT,
     Run,
     _clone,
-    assert_same,
     build,
     data,
     good,
@@ -123,7 +123,7 @@ def test_refused_with_everything_unchanged(
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(bad, target.opt, model=target.model, scheduler=target.sched)
     assert str(error.value).startswith(f"{bad}: ") and expected in str(error.value), str(error.value)
-    assert_same(snapshot(target), before)
+    assert_identical(snapshot(target), before)
 
 
 def _plateau_run(seed: int) -> Run:
@@ -140,7 +140,7 @@ def test_a_scheduler_state_the_scheduler_rejects(tmp_path: pathlib.Path) -> None
     before = snapshot(target)
     with pytest.raises(CheckpointError, match="ReduceLROnPlateau refuses this state"):
         load_checkpoint(bad, target.opt, model=target.model, scheduler=target.sched)
-    assert_same(snapshot(target), before)
+    assert_identical(snapshot(target), before)
 
 
 def _sgd_run(seed: int) -> Run:
@@ -161,11 +161,11 @@ def test_another_optimizers_file_or_state_dict_is_refused(good: tuple[pathlib.Pa
         load_checkpoint(path, adamw.opt, model=adamw.model, scheduler=adamw.sched)
     with pytest.raises(CheckpointError, match="another optimizer"):
         adamw.opt.load_state_dict(_clone(sgd.opt.state_dict()))
-    assert_same(snapshot(adamw), before)
+    assert_identical(snapshot(adamw), before)
     sgd_before = snapshot(sgd)
     with pytest.raises(CheckpointError, match="another optimizer"):
         sgd.opt.load_state_dict(_clone(adamw.opt.state_dict()))
-    assert_same(snapshot(sgd), sgd_before)
+    assert_identical(snapshot(sgd), sgd_before)
 
 
 def test_a_state_entry_lacking_a_key_the_optimizer_needs_is_refused(good: tuple[pathlib.Path, Run]) -> None:
@@ -175,7 +175,7 @@ def test_a_state_entry_lacking_a_key_the_optimizer_needs_is_refused(good: tuple[
     before = snapshot(target)
     with pytest.raises(CheckpointError, match="state.0: lacks \\['exp_avg'\\]"):
         target.opt.load_state_dict(state)
-    assert_same(snapshot(target), before)
+    assert_identical(snapshot(target), before)
 
 
 @pytest.mark.parametrize("metadata", [{1: "a"}, {"nested": {2: "b"}}])
@@ -218,7 +218,7 @@ def test_a_flipped_data_byte_is_caught_by_the_checksum(good: tuple[pathlib.Path,
     before = snapshot(target)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_checkpoint(bad, target.opt, model=target.model, scheduler=target.sched)
-    assert_same(snapshot(target), before)
+    assert_identical(snapshot(target), before)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
@@ -283,7 +283,7 @@ def test_state_dicts_of_the_wrong_shape_are_refused_unchanged(
     before = snapshot(target)
     with pytest.raises(CheckpointError, match=expected):
         target.opt.load_state_dict(state)
-    assert_same(snapshot(target), before)
+    assert_identical(snapshot(target), before)
 
 
 @pytest.mark.parametrize("dtype, slack", [(torch.float32, 1.0 + 1e-5), (torch.bfloat16, 4.0)])

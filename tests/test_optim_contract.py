@@ -36,6 +36,7 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 # (common_utils calls disable_global_flags); give the rest of the suite its process back.
 vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = _flags_were_free
 
+from conftest import assert_identical  # noqa: E402
 from l2e_optim import L2EConfig, L2EWrapper  # noqa: E402
 
 INFOS = {info.name: info for info in optim_db}
@@ -130,23 +131,6 @@ def inputs(info: OptimizerInfo, with_variants: bool) -> Iterator[dict[str, Any]]
             yield optim_input.kwargs
 
 
-def assert_identical(a: Any, b: Any, where: str = "") -> None:
-    """Nested dicts / lists / tensors equal to the bit (NaN equal to NaN), other leaves by ==."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all()), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def _assert_same_state(bare: torch.optim.Optimizer, wrapped: torch.optim.Optimizer) -> None:
     """The wrapper's state dict is the bare one plus the L2E entry and records (state_layout)."""
     a, b = bare.state_dict(), wrapped.state_dict()
@@ -200,16 +184,32 @@ def test_l2e_mode_goes_the_right_direction_with_schedulers(name: str) -> None:
 
 
 # -- state dicts ---------------------------------------------------------------------------------
+def trained_runs(name: str, steps: int) -> Iterator[tuple[OptimizerInfo, Tiny, torch.optim.Optimizer]]:
+    """For each configuration of optimizer ``name``, a wrapped run trained ``steps`` steps."""
+    info = INFOS[name]
+    for kwargs in inputs(info, False):
+        model, opt = build(info, kwargs, "l2e")
+        train(model, opt, info, steps)
+        yield info, model, opt
+
+
+def trained_and_resumed(
+    info: OptimizerInfo, kwargs: dict[str, Any], steps: int, named: tuple[bool, bool] = (False, False)
+) -> tuple[Tiny, torch.optim.Optimizer, Tiny, torch.optim.Optimizer]:
+    """A wrapped run trained ``steps`` steps, and a fresh one that loaded its model and optimizer."""
+    model, opt = build(info, kwargs, "l2e", named=named[0])
+    train(model, opt, info, steps)
+    model_c, opt_c = build(info, kwargs, "l2e", named=named[1])
+    model_c.load_state_dict(model.state_dict())
+    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return model, opt, model_c, opt_c
+
+
 @pytest.mark.parametrize("name", optimizers())
 def test_state_dict_resume_is_deterministic(name: str) -> None:
     info = INFOS[name]
     for kwargs in inputs(info, False):
-        model, opt = build(info, kwargs, "l2e")
-        train(model, opt, info, 3)
-        model_c, opt_c = build(info, kwargs, "l2e")
-        model_c.load_state_dict(model.state_dict())
-        saved = copy.deepcopy(opt.state_dict())
-        opt_c.load_state_dict(saved)
+        model, opt, model_c, opt_c = trained_and_resumed(info, kwargs, 3)
         train(model, opt, info, 3)
         train(model_c, opt_c, info, 3)
         for p, q in zip(model.parameters(), model_c.parameters()):
@@ -225,11 +225,7 @@ def test_state_dict_resume_is_deterministic(name: str) -> None:
 def test_state_dict_loads_between_named_and_plain_parameters(name: str, named: tuple[bool, bool]) -> None:
     info = INFOS[name]
     kwargs = next(inputs(info, False))
-    model, opt = build(info, kwargs, "l2e", named=named[0])
-    train(model, opt, info, 2)
-    model_c, opt_c = build(info, kwargs, "l2e", named=named[1])
-    model_c.load_state_dict(model.state_dict())
-    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
+    model, opt, model_c, opt_c = trained_and_resumed(info, kwargs, 2, named)
     train(model, opt, info, 2)
     train(model_c, opt_c, info, 2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_c.parameters()))
@@ -239,10 +235,7 @@ def test_state_dict_loads_between_named_and_plain_parameters(name: str, named: t
 
 @pytest.mark.parametrize("name", optimizers())
 def test_state_dict_saves_and_loads_weights_only(name: str) -> None:
-    info = INFOS[name]
-    for kwargs in inputs(info, False):
-        model, opt = build(info, kwargs, "l2e")
-        train(model, opt, info, 2)
+    for _, _, opt in trained_runs(name, 2):
         saved = opt.state_dict()
         buffer = io.BytesIO()
         torch.save(saved, buffer)
@@ -252,10 +245,7 @@ def test_state_dict_saves_and_loads_weights_only(name: str) -> None:
 
 @pytest.mark.parametrize("name", optimizers())
 def test_loads_older_state_dicts_and_nontensor_steps(name: str) -> None:
-    info = INFOS[name]
-    for kwargs in inputs(info, False):
-        model, opt = build(info, kwargs, "l2e")
-        train(model, opt, info, 2)
+    for info, model, opt in trained_runs(name, 2):
         old = copy.deepcopy(opt.state_dict())
         for group in old["param_groups"]:
             for flag in info.not_og_supported_flags:

@@ -1,14 +1,15 @@
 """Fused implementations of the tap's backward, beside the eager one in ``site.py`` they replace.
 
 One module per kernel (``blocked_tap``: token blocks of torch ops, any device; ``triton_tap``: one
-Triton kernel, CUDA), chosen in one place (``dispatch``). Every kernel has the signature of
-:class:`FusedTap` and returns a :class:`TapResult`; the eager tap is the reference in the tests.
+Triton kernel, CUDA), chosen in one place (``dispatch``). Every kernel has the signature
+:data:`FusedTap` and returns a :class:`TapResult`; the eager tap is the reference in the tests.
 Nothing here imports triton at import time: ``import l2e_optim`` works without it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -32,28 +33,12 @@ class TapResult(NamedTuple):
     finite: Tensor
 
 
-class FusedTap(Protocol):
-    """A fused tap backward: one pass over ``z`` and the incoming gradient.
-
-    Args:
-        z: ``[tokens, N]`` activation, any float dtype.
-        grad: ``[tokens, N]`` incoming gradient, or ``None`` (statistics only).
-        valid: optional ``[tokens]`` fp32 0/1 padding weights.
-        mean: ``[N]`` fp32 shift (the running mean).
-        bar: ``[N]`` fp32, ``tau * denominator`` (+inf before statistics exist): selected is
-            ``(z - mean)^2 >= bar``, the score comparison without dividing.
-        scale: 0-dim fp32 factor of ``(z - mean) / ((z - mean)^2 + log_eps)`` in the outgoing
-            gradient (0 in warm-up); the kernel zeroes it itself for a non-finite micro-batch.
-        log_eps: delta of the log-MS penalty.
-    """
-
-    def __call__(
-        self,
-        z: Tensor,
-        grad: Tensor | None,
-        valid: Tensor | None,
-        mean: Tensor,
-        bar: Tensor,
-        scale: Tensor,
-        log_eps: float,
-    ) -> TapResult: ...
+#: A fused tap backward, ``(z, grad, valid, mean, bar, scale, log_eps) -> TapResult``: one pass over
+#: ``z`` and the incoming gradient. ``z``: ``[tokens, N]`` activation, any float dtype; ``grad``:
+#: ``[tokens, N]`` incoming gradient, or ``None`` (statistics only); ``valid``: optional ``[tokens]``
+#: fp32 0/1 padding weights; ``mean``: ``[N]`` fp32 shift (the running mean); ``bar``: ``[N]`` fp32,
+#: ``tau * denominator`` (+inf before statistics exist): selected is ``(z - mean)^2 >= bar``, the
+#: score comparison without dividing; ``scale``: 0-dim fp32 factor of
+#: ``(z - mean) / ((z - mean)^2 + log_eps)`` in the outgoing gradient (0 in warm-up; the kernel
+#: zeroes it itself for a non-finite micro-batch); ``log_eps``: delta of the log-MS penalty.
+FusedTap = Callable[[Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor, float], TapResult]

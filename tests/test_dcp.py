@@ -251,6 +251,18 @@ def test_dcp_state_creating_step_leaves_l2e_alone(fresh: bool) -> None:
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
 
 
+def test_a_stateless_base_goes_through_dcp() -> None:
+    """Plain SGD keeps no state: the records would be the only entries, and DCP's strict load
+    wants one for every trainable parameter once any exists (empty ones are added, and dropped)."""
+    model, opt = trained(torch.optim.SGD)
+    assert not opt.base_optimizer.state
+    target_model = odd_lm(seed=1)
+    target = L2EWrapper(torch.optim.SGD(target_model.parameters(), lr=1e-2), target_model, config=CONFIG)
+    set_optimizer_state_dict(target_model, target, get_optimizer_state_dict(model, opt))
+    assert_bytes_equal(l2e_state(target), l2e_state(opt))
+    assert not target.base_optimizer.state  # the empty entries did not reach the base
+
+
 def test_a_real_step_at_lr_zero_still_counts() -> None:
     """Warm-up from lr 0: the step saw tokens, so it is a step (only the empty one is skipped)."""
     model = odd_lm()

@@ -139,7 +139,7 @@ def _assert_same_state(bare: torch.optim.Optimizer, wrapped: torch.optim.Optimiz
         entry = {k: v for k, v in entry.items() if k != "l2e"}
         if entry:
             b["state"][pid] = entry
-        else:  # an entry that only carried records (a stateless base, e.g. plain SGD)
+        else:  # records only, or the empty entries a stateless base (plain SGD) gets for DCP
             del b["state"][pid]
     assert_identical(a, b)
 

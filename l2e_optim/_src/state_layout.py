@@ -99,16 +99,27 @@ def site_owners(
 
 
 def attach_l2e_state(
-    base: Mapping[str, Any], entry: Mapping[str, Any], owners: Mapping[str, int], names: Mapping[str, str]
+    base: Mapping[str, Any],
+    entry: Mapping[str, Any],
+    param_groups: Sequence[Mapping[str, Any]],
+    candidates: Mapping[str, Sequence[Tensor]],
+    names: Mapping[str, str],
 ) -> dict[str, Any]:
     """The wrapper's state dict: ``base`` plus each site's record in its owner's state entry.
 
-    ``entry`` is ``pack_l2e_state``'s ``{"config", "step", "sites"}``; ``names`` maps a site to
-    its :func:`record_name`. Entries are copied before a key is added: ``Optimizer.state_dict()``
-    hands out the live ``base.state[p]`` dicts.
+    ``entry`` is ``pack_l2e_state``'s ``{"config", "step", "sites"}``; ``candidates`` are each
+    site's parameters (:func:`site_owners`), ``names`` its :func:`record_name`. Entries are copied
+    before a key is added: ``Optimizer.state_dict()`` hands out the live ``base.state[p]`` dicts.
     """
+    owners = site_owners(param_groups, candidates)
     out = dict(base)
     state = dict(out.get("state", {}))
+    if not state:
+        # A stateless base (SGD without momentum): DCP's set_optimizer_state_dict wants an entry
+        # for every trainable parameter once any entry exists, and the records make some exist.
+        # Empty entries are dropped again on load.
+        ids = param_ids(param_groups)
+        state = {ids[id(p)]: {} for group in param_groups for p in group["params"] if p.requires_grad}
     for name, tensors in entry["sites"].items():
         pid = owners[name]
         param_entry = dict(state.get(pid, {}))
@@ -181,9 +192,12 @@ def flat_l2e_entry(flat: Mapping[str, Any], names: Mapping[str, str]) -> dict[st
 
 
 def _strip_records(state: Mapping[Any, Any], records: dict[str, tuple[str, Any]]) -> dict[Any, Any]:
-    """Copy of ``state`` without the L2E records (into ``records``: site -> (path, record))."""
+    """Copy of ``state`` without the L2E records (into ``records``: site -> (path, record)) and
+    without empty entries (a base optimizer treats an empty entry as none)."""
     out: dict[Any, Any] = {}
     for pid, entry in state.items():
+        if isinstance(entry, Mapping) and not entry:
+            continue  # empty (attach_l2e_state's, for a stateless base): the same as none
         if not (isinstance(entry, Mapping) and L2E_KEY in entry):
             out[pid] = entry
             continue

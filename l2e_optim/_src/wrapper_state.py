@@ -17,7 +17,7 @@ from .base_state import validate_base_state
 from .config import L2EConfig
 from .site import SiteState
 from .state_dict import CheckpointError, load_l2e_state, pack_l2e_state, validate_l2e_state
-from .state_layout import MISSING_L2E, attach_l2e_state, flat_l2e_entry, site_owners, split_l2e_state
+from .state_layout import MISSING_L2E, attach_l2e_state, flat_l2e_entry, split_l2e_state
 
 
 class StateDictMethods:
@@ -44,8 +44,8 @@ class StateDictMethods:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         entry = pack_l2e_state(self.config, self._step_count, self._sites)
-        owners = site_owners(self._base.param_groups, self._site_params)
-        out = attach_l2e_state(self._base.state_dict(), entry, owners, self._record_names)
+        groups = self._base.param_groups
+        out = attach_l2e_state(self._base.state_dict(), entry, groups, self._site_params, self._record_names)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, out)
             if result is not None:

@@ -46,10 +46,11 @@ def site_state(opt: L2EWrapper) -> list[Tensor]:
     return [opt.step_count] + [t for s in opt.sites.values() for t in s.tensors().values()]
 
 
-@pytest.mark.parametrize("inhibition", ["l2e", "memel", "l2e+grad_scaler"])
+@pytest.mark.parametrize("inhibition", ["l2e", "memel", "l2e+grad_scaler", "memel+per-position"])
 def test_explain_finds_no_graph_break(corpus: Tensor, inhibition: str) -> None:
     model = PlainLM()
-    opt = wrap(model, inhibition=inhibition.split("+")[0])
+    statistics = "per-position" if inhibition.endswith("per-position") else "pooled"
+    opt = wrap(model, inhibition=inhibition.split("+")[0], statistics=statistics, max_positions=8)
     if inhibition.endswith("grad_scaler"):  # the hook then reads the scaler's scale tensor
         opt.set_grad_scaler(torch.amp.GradScaler("cpu", init_scale=2.0**10))
     ids = next(batches(corpus, 4, 17))

@@ -121,16 +121,17 @@ def markdown(summary: dict[str, Any]) -> str:
                          + " | ".join(_pm(a[x]["d_loss_vs_adamw"]) for x in LOSS_ARMS)
                          + f" | **{_pm(s['monosemantic_specific'])}** |")
         lines += ["", f"**{corpus}**: monosemanticity of the trained models (mean over layers and seeds; "
-                  "AdamW / L2E / random / MEmeL), and the share of the probe's selection at position 0", "",
-                  "| model | feature-specific MS | K-S | FKR at 2% | pos. 0 share (L2E / random / MEmeL) |",
-                  "|---|---|---|---|---|"]
+                  "AdamW / L2E / random / MEmeL), and the share of the probe's selection at the first "
+                  "positions (each run's own rule and final statistics, inhibited layers)", "",
+                  "| model | feature-specific MS | K-S | FKR at 2% | pos. 0 share (L2E / random / MEmeL) "
+                  "| pos. 0-3 share |", "|---|---|---|---|---|---|"]
         for s in c["sizes"]:
             a = s["arms"]
             cells = [" / ".join(_num(a[x][m], 2 if m == "feature_specific_ms" else 3) for x in summary["arms"])
                      for m in ("feature_specific_ms", "ks", "fkr_2pct")]
-            pos = " / ".join("-" if a[x]["position_shares"] is None else f"{a[x]['position_shares'][0]:.3f}"
-                             for x in LOSS_ARMS)
-            lines.append(f"| {s['width']} x {s['layers']} | " + " | ".join(cells) + f" | {pos} |")
+            cells += [" / ".join("-" if a[x]["position_shares"] is None else f"{sum(a[x]['position_shares'][:n]):.3f}"
+                                 for x in LOSS_ARMS) for n in (1, -1)]  # [:-1]: every first position, not the rest
+            lines.append(f"| {s['width']} x {s['layers']} | " + " | ".join(cells) + " |")
         rho = c["spearman_mono_specific_vs_params"]
         lines += ["", f"Spearman(params, L2E - random) on {corpus}: "
                   + ("n/a (fewer than 3 sizes with 2+ seeds)" if rho is None else f"{rho:+.2f}")]
@@ -145,7 +146,8 @@ def figure(summary: dict[str, Any], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     corpora = list(summary["corpora"])
-    fig, axes = plt.subplots(3, len(corpora), figsize=(5.5 * len(corpora), 10), squeeze=False)
+    # One x axis for every panel: a size finished for one arm or corpus only does not shift it.
+    fig, axes = plt.subplots(3, len(corpora), figsize=(5.5 * len(corpora), 10), squeeze=False, sharex="all")
     for col, corpus in enumerate(corpora):
         sizes = [s for s in summary["corpora"][corpus]["sizes"] if s["non_embedding_params"]]
         x = [s["non_embedding_params"] for s in sizes]

@@ -36,6 +36,7 @@ def interpret() -> Iterator[None]:
     import of triton; with a GPU the kernel runs on the device in tests/test_cuda.py instead)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): tests/test_cuda.py runs the kernel")
+    pytest.importorskip("triton", reason="the Triton tap needs the triton package (the test/gpu extras)")
     module = importlib.import_module("l2e_optim._src.kernels.triton_tap")
     assert type(module._tap_backward_kernel).__name__ == "InterpretedFunction"
     yield

@@ -56,7 +56,7 @@ ARMS: dict[str, L2EConfig | None] = {
 #: Compiling costs a minute or more per arm at 1.4B: the compiled mode times the two that matter.
 COMPILED_ARMS = ("adamw", "l2e/all")
 #: Seconds of timed rounds per (width, mode) part, after warm-up; and for the cuda tests.
-PART_CAP_S = {"eager": 25.0, "compiled": 40.0, "captured": 25.0}
+PART_CAP_S = {"eager": 15.0, "compiled": 30.0, "captured": 15.0}
 TESTS_CAP_S = 120.0
 LR = 1e-4
 
@@ -114,7 +114,7 @@ def run_part(width: str, mode: str, device: torch.device, deadline: float, round
     """One (width, mode): its arms' median step seconds, ratios and peak memory, or why skipped."""
     part: dict[str, Any] = {"width": width, "mode": mode}
     left = deadline - time.monotonic()
-    need = PART_CAP_S[mode] + (60.0 if mode == "compiled" else 15.0)
+    need = PART_CAP_S[mode] + (90.0 if mode == "compiled" else 20.0)  # + building, compiling
     if left < need:
         return {**part, "skipped": f"budget: {left:.0f} s left, the part needs about {need:.0f} s"}
     if mode == "captured" and device.type != "cuda":

@@ -7,6 +7,7 @@ loads run here, in the test process, into a plain model: resharding from 2 shard
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import pathlib
 import sys
@@ -332,3 +333,17 @@ def test_an_unknown_layout_is_refused_with_the_fix() -> None:
     out["l2e"] = {**out["l2e"], "format_version": 7}
     with pytest.raises(CheckpointError, match="format_version: 7 is not a supported version.*release that saved it"):
         opt.load_state_dict(out)
+
+
+def test_per_position_statistics_go_through_dcp(tmp_path: pathlib.Path) -> None:
+    config = dataclasses.replace(CONFIG, statistics="per-position", max_positions=8)
+    model = odd_lm()
+    opt = L2EWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2), model, config=config)
+    train(model, opt, odd_loss, global_batches(3))
+    saved = copy.deepcopy(l2e_state(opt))
+    dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp_path / "ckpt"))
+    fresh = odd_lm(seed=1)
+    restored = L2EWrapper(torch.optim.AdamW(fresh.parameters(), lr=1e-2), fresh, config=config)
+    dcp_restore(tmp_path / "ckpt", fresh, restored)
+    assert all(site.rows == 9 for site in restored.sites.values())
+    assert_bytes_equal(l2e_state(restored), saved)

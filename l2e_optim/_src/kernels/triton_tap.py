@@ -9,12 +9,13 @@ is a device flag read by a second, tiny kernel that rewrites the gradient only w
 reads nothing else in the common, finite case). Both launches and the reductions have static
 shapes, so the whole backward can be captured in a CUDA graph.
 
-Importing this module imports triton; the dispatcher imports it only when it is chosen.
+Importing this module imports triton; the dispatcher imports it only when it is chosen. The
+kernels' parameters carry no Python annotations but ``tl.constexpr``: Triton's compiler resolves
+annotations as globals (``Any`` fails to compile; the interpreter does not notice), so
+``tests/test_kernels.py`` also compiles them for an sm_90 target, which needs no GPU.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import triton
@@ -33,11 +34,11 @@ COPY_BLOCK = 1024
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _tap_backward_kernel(
-    z_ptr: Any, grad_ptr: Any, out_ptr: Any, valid_ptr: Any, mean_ptr: Any, bar_ptr: Any,
-    scale_ptr: Any, part_ptr: Any, tokens: Any, neurons: Any, rows_per_program: Any, log_eps: Any,
+def _tap_backward_kernel(  # type: ignore[no-untyped-def]
+    z_ptr, grad_ptr, out_ptr, valid_ptr, mean_ptr, bar_ptr, scale_ptr, part_ptr,
+    tokens, neurons, rows_per_program, log_eps,
     HAS_VALID: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-) -> None:
+):
     pid_t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < neurons
@@ -53,23 +54,20 @@ def _tap_backward_kernel(
         rows = first + tl.arange(0, BLOCK_T)
         row_ok = rows < stop
         inside = row_ok[:, None] & col_ok[None, :]
-        ok = inside  # the values that count: inside, and not padding
         offsets = rows[:, None].to(tl.int64) * neurons + cols[None, :]
         z = tl.load(z_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        # As ``statistics.deviations``: padding rows are zeroed (a NaN there is not the batch's),
+        # never selected, and weigh 0 in the sums; without a mask every row weighs 1.
         if HAS_VALID:
-            # As ``statistics.deviations``: padding rows are zeroed (a NaN there is not the
-            # batch's), never selected, and weigh 0 in the sums.
             w = tl.load(valid_ptr + rows, mask=row_ok, other=0.0)
-            ok = ok & (w[:, None] > 0)
+        else:
+            w = row_ok.to(tl.float32)
+        ok = inside & (w[:, None] > 0)  # the values that count
         d = tl.where(ok, z - mean[None, :], 0.0)
         dsq = d * d
         over = (dsq >= bar[None, :]) & ok
-        if HAS_VALID:
-            s1 += tl.sum(w[:, None] * d, axis=0)
-            s2 += tl.sum(w[:, None] * dsq, axis=0)
-        else:
-            s1 += tl.sum(d, axis=0)
-            s2 += tl.sum(dsq, axis=0)
+        s1 += tl.sum(w[:, None] * d, axis=0)
+        s2 += tl.sum(w[:, None] * dsq, axis=0)
         hits += tl.sum(over.to(tl.float32), axis=0)
         if WRITE_GRAD:
             g = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
@@ -82,7 +80,7 @@ def _tap_backward_kernel(
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _restore_if_nonfinite_kernel(grad_ptr: Any, out_ptr: Any, finite_ptr: Any, numel: Any, BLOCK: tl.constexpr) -> None:
+def _restore_if_nonfinite_kernel(grad_ptr, out_ptr, finite_ptr, numel, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
     # A skipped micro-batch gets the incoming gradient back exactly; a finite one costs one load.
     if tl.load(finite_ptr) == 0:
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

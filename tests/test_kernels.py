@@ -127,6 +127,16 @@ def test_blocked_spans_several_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_matches_eager("blocked", z, grad, padding(45), mean, var)
 
 
+def test_blocked_buffers_do_not_grow_with_the_token_count() -> None:
+    tap = BlockedTap()
+    for tokens in (5, 7, 300, 9):  # variable-length batches: one buffer per width and device
+        z, grad, mean, var = inputs((tokens, 33), torch.float32)
+        run_tap(tap, z, grad, None, mean, var)
+    z, grad, mean, var = inputs((4, 17), torch.float32)
+    run_tap(tap, z, grad, None, mean, var)
+    assert sorted(n for _, n in tap._blocks) == [17, 33]
+
+
 def test_triton_spans_several_programs(interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("l2e_optim._src.kernels.triton_tap.TARGET_PROGRAMS", 2)  # 2 stripes x 3 rows
     z, grad, mean, var = inputs((70, 200), torch.float32)

@@ -30,11 +30,13 @@ class BlockedTap:
     """
 
     def __init__(self) -> None:
-        self._blocks: dict[tuple[torch.device, int, int], Tensor] = {}
+        self._blocks: dict[tuple[torch.device, int], Tensor] = {}
 
-    def _block(self, device: torch.device, rows: int, neurons: int) -> Tensor:
-        key = (device, rows, neurons)
+    def _block(self, device: torch.device, neurons: int) -> Tensor:
+        """The ``[rows, 3N]`` buffer of a width: one per (device, N), whatever the token count."""
+        key = (device, neurons)
         if key not in self._blocks:
+            rows = max(1, BLOCK_VALUES // max(neurons, 1))
             self._blocks[key] = torch.empty(rows, 3 * neurons, dtype=torch.float32, device=device)
         return self._blocks[key]
 
@@ -49,8 +51,8 @@ class BlockedTap:
         log_eps: float,
     ) -> TapResult:
         tokens, n = z.shape
-        rows = max(1, min(tokens, BLOCK_VALUES // max(n, 1)))
-        block = self._block(z.device, rows, n)  # [rows, 3N]: d | d^2 | selected (0/1)
+        block = self._block(z.device, n)  # [rows, 3N]: d | d^2 | selected (0/1)
+        rows = block.shape[0]
         weights = valid if valid is not None else block.new_ones(tokens)  # [tokens]
         # Padding is never selected; as a 0/1 factor that is one multiply per block. Its values
         # are zeroed first (as ``statistics.deviations`` does): a NaN there is not the batch's.

@@ -147,7 +147,7 @@ def split_l2e_state(
     records: dict[str, tuple[str, Any]] = {}
     state = base.get("state")
     if isinstance(state, Mapping):
-        base["state"] = _strip_records(state, records)
+        base["state"] = _strip_records(state, records, _listed_ids(base.get("param_groups")))
     if top is not None and not isinstance(top, Mapping):
         raise CheckpointError(f"{L2E_KEY}: expected a dict, got {type(top).__name__}")
     version = top.get("format_version") if top is not None else LAYOUT_VERSION
@@ -191,13 +191,21 @@ def flat_l2e_entry(flat: Mapping[str, Any], names: Mapping[str, str]) -> dict[st
     return _entry_from_records(records, None)
 
 
-def _strip_records(state: Mapping[Any, Any], records: dict[str, tuple[str, Any]]) -> dict[Any, Any]:
+def _listed_ids(groups: Any) -> set[Any]:
+    """The parameter ids the saved groups list (none if malformed: validation says so later)."""
+    if not isinstance(groups, list):
+        return set()
+    lists = [g.get("params") for g in groups if isinstance(g, Mapping)]
+    return {pid for ids in lists if isinstance(ids, list) for pid in ids if isinstance(pid, (int, str))}
+
+
+def _strip_records(state: Mapping[Any, Any], records: dict[str, tuple[str, Any]], listed: set[Any]) -> dict[Any, Any]:
     """Copy of ``state`` without the L2E records (into ``records``: site -> (path, record)) and
-    without empty entries (a base optimizer treats an empty entry as none)."""
+    without the empty entries of listed parameters (to a base optimizer the same as none)."""
     out: dict[Any, Any] = {}
     for pid, entry in state.items():
-        if isinstance(entry, Mapping) and not entry:
-            continue  # empty (attach_l2e_state's, for a stateless base): the same as none
+        if isinstance(entry, Mapping) and not entry and pid in listed:
+            continue  # attach_l2e_state's, for a stateless base
         if not (isinstance(entry, Mapping) and L2E_KEY in entry):
             out[pid] = entry
             continue

@@ -144,8 +144,11 @@ def figure(summary: dict[str, Any], path: pathlib.Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     corpora = list(summary["corpora"])
+    ticks = sorted({s["non_embedding_params"] for c in summary["corpora"].values() for s in c["sizes"]
+                    if s["non_embedding_params"]})
     # One x axis for every panel: a size finished for one arm or corpus only does not shift it.
     fig, axes = plt.subplots(3, len(corpora), figsize=(5.5 * len(corpora), 10), squeeze=False, sharex="all")
     for col, corpus in enumerate(corpora):
@@ -160,6 +163,8 @@ def figure(summary: dict[str, Any], path: pathlib.Path) -> None:
                   f"{corpus}: feature-specific MS")
         for ax, title in zip((axes[0][col], axes[1][col], axes[2][col]), titles):
             ax.set(xscale="log", xlabel="non-embedding parameters", title=title)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # label the model sizes, not the decades
+            ax.set_xticks(ticks, [f"{t / 1e6:.1f}M" if t >= 1e6 else f"{t / 1e3:.0f}k" for t in ticks])
             ax.axhline(0.0, color="gray", lw=0.6) if ax is not axes[2][col] else None
             ax.legend(fontsize=7)
     fig.suptitle(f"{summary['runs_finished']}/{summary['runs_planned']} runs finished; error bars: std over seeds",

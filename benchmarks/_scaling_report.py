@@ -95,6 +95,24 @@ def write(summary: dict[str, Any], results: pathlib.Path, figures: pathlib.Path)
     return paths
 
 
+#: A page section between these two lines is the report's tables (``--section``), rewritten in place.
+BEGIN, END = "<!-- scaling report: begin (generated) -->", "<!-- scaling report: end -->"
+
+
+def update_section(page: pathlib.Path, summary: dict[str, Any]) -> None:
+    """Replace the text between :data:`BEGIN` and :data:`END` in ``page`` with the tables.
+
+    Raises:
+        ValueError: the page lacks the two marker lines (the message names them); nothing written.
+    """
+    text = page.read_text()
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{page} has no '{BEGIN}' ... '{END}' lines; add them where the tables go.")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    page.write_text(f"{head}{BEGIN}\n{markdown(summary)}\n{END}{tail}")
+
+
 def _pm(x: dict[str, Any], digits: int = 4) -> str:
     if x["mean"] is None:
         return "-"

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
     parser.add_argument("--results", default=None, help="folder for scaling.json / scaling.md (default --out)")
     parser.add_argument("--figures", default=None, help="folder for scaling.png (default --out)")
+    parser.add_argument("--section", default=None, help="a markdown page whose generated-tables block "
+                        "(between the scaling report marker lines) is rewritten, e.g. docs/reproduction.md")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     default_out = tempfile.mkdtemp(prefix="scaling-quick-") if args.quick else "runs/scaling"
@@ -165,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     figures = pathlib.Path(args.figures or out)
     summary = _scaling_report.build(plan, out, command=command, quick=args.quick)
     written = _scaling_report.write(summary, results, figures)
+    if args.section:
+        _scaling_report.update_section(pathlib.Path(args.section), summary)
+        written.append(pathlib.Path(args.section))
     print(_scaling_report.markdown(summary), flush=True)
     log(f"report: {', '.join(str(p) for p in written)}")
 

@@ -110,6 +110,21 @@ def test_scaling_quick_names_all_four_arms(tmp_path: pathlib.Path) -> None:
     assert (tmp_path / "scaling.png").stat().st_size > 1000
     assert "L2E - random" in (tmp_path / "scaling.md").read_text()
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    # --report rebuilds from the finished runs alone and rewrites a page's generated block in place.
+    from benchmarks._scaling_report import BEGIN, END
+
+    page = tmp_path / "page.md"
+    page.write_text(f"# Title\n\nkept\n{BEGIN}\nold tables\n{END}\nalso kept\n")
+    (tmp_path / "scaling.json").unlink()
+    reproduce.main(["scaling", "--quick", "--report", "--out", str(tmp_path), "--section", str(page)])
+    text = page.read_text()
+    assert json.loads((tmp_path / "scaling.json").read_text())["runs_finished"] == summary["runs_finished"]
+    assert "old tables" not in text and "L2E - random" in text and text.endswith(f"{END}\nalso kept\n")
+    assert text.startswith("# Title\n\nkept\n")
+    page.write_text("no markers")
+    with pytest.raises(ValueError, match="no '<!-- scaling report: begin"):
+        reproduce.main(["scaling", "--quick", "--report", "--out", str(tmp_path), "--section", str(page)])
+    assert page.read_text() == "no markers"
 
 
 def test_scaling_run_resumes_bit_for_bit_and_skips_finished(tmp_path: pathlib.Path) -> None:

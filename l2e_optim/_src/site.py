@@ -136,9 +136,10 @@ class SiteRuntime:
         # Checked where it costs no device sync (a CPU mask, as data loaders make them); on an
         # accelerator the tap reads mask > 0, so a stray value never counts a token twice.
         if mask is not None and mask.device.type == "cpu" and mask.dtype != torch.bool:
-            if not bool(((mask == 0) | (mask == 1)).all()):
+            if not bool(((mask == 0) | (mask == 1)).all()):  # sync-ok: a CPU tensor, no device to wait for
                 raise ValueError(
                     "token mask values must be 0 (padding) or 1 (real token); got "
+                    # sync-ok: the error path of a CPU mask
                     f"{sorted(set(mask.flatten().tolist()))[:5]}; pass the batch's attention_mask."
                 )
         self.token_mask = mask

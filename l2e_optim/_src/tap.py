@@ -57,8 +57,6 @@ class _Tap(torch.autograd.Function):
         # Shift K = running mean: identical on every rank, keeps the sums small.
         d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
         dsq = d * d
-        # phi >= tau  <=>  d^2 >= tau * denom: one comparison, no [tokens, N] score tensor. Before
-        # a statistic has data (count < MIN_COUNT) nothing is monosemantic: its bar is +inf.
         bar = _threshold_bar(stats, tau)
         over = dsq >= bar  # what the moving threshold counts, whatever inhibits
         if valid3 is not None:

@@ -72,7 +72,7 @@ class L2EConfig:
             (set it to the training context length); the state is ``max_positions + 1`` rows.
         kernel: which implementation runs the tap's backward (statistics, selection count and
             L2E gradient). ``"eager"``: plain torch ops, the reference; ``"blocked"``: the same
-            math in token blocks over preallocated buffers (any device, no compiler; the CPU
+            math in token blocks over preallocated buffers (CPU only, no compiler; the CPU
             fast path); ``"triton"``: one fused Triton kernel (CUDA; needs the ``gpu`` extra).
             ``"auto"``: Triton on CUDA when installed, blocked on CPU, eager otherwise. The fused
             kernels implement pooled statistics and the threshold retrieval (every retrieval for

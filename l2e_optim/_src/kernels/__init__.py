@@ -1,6 +1,6 @@
 """Fused implementations of the tap's backward, beside the eager one in ``site.py`` they replace.
 
-One module per kernel (``blocked_tap``: token blocks of torch ops, any device; ``triton_tap``: one
+One module per kernel (``blocked_tap``: token blocks of torch ops, CPU; ``triton_tap``: one
 Triton kernel, CUDA), chosen in one place (``dispatch``). Every kernel has the signature
 :data:`FusedTap` and returns a :class:`TapResult`; the eager tap is the reference in the tests.
 Nothing here imports triton at import time: ``import l2e_optim`` works without it.

@@ -1,12 +1,15 @@
-"""The tap's backward in token blocks of torch ops over preallocated buffers (CPU fast path).
+"""The tap's backward in token blocks of torch ops over preallocated buffers (the CPU fast path).
 
-No compiler: plain torch ops, but arranged so one block's ``[rows, N]`` working set stays in a
-core's L2 cache, nothing is allocated per call but the outgoing gradient, and the slow CPU ops
-are avoided. Measured on the Pythia-70M tap (``[512, 2048]`` fp32, one thread): a comparison
-into a bool tensor costs twice one into fp32, and ``masked_fill`` / ``where`` with a bool mask
-ten times a multiply; so the selection is an fp32 0/1 tensor, applied by multiplication. The
-three per-neuron reductions (s1, s2, selected count) are one matrix-vector product over a block
-laid out as ``[d | d^2 | selected]``, weighted by the padding mask as the eager path weights.
+No compiler: plain torch ops, arranged so one block's ``[rows, N]`` working set stays in a core's
+L2 cache and nothing is allocated per call but the outgoing gradient. Per block, seven passes:
+``d = z - mean``, ``d^2``, the selection (an fp32 0/1 tensor: a comparison into bool costs twice
+one into fp32 on CPU, and ``masked_fill``/``where`` with a bool mask ten times a multiply), one
+matrix-vector product for the three per-neuron sums over the block laid out as ``[d | d^2 |
+selected]`` (weighted by the padding mask as the eager path weights), and the gradient as
+``grad + scale * (d * selected) / (d^2 + log_eps)`` (``d * selected`` and ``d^2 + log_eps`` in
+place, one ``addcdiv`` into the output block). CPU tensors only (``check_kernel``): the
+finiteness of the sums and the penalty's scale are read on the host, which costs nothing there
+and saves a pass per block (a non-finite micro-batch's output is overwritten once at the end).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from torch import Tensor
 
 from . import TapResult
 
-#: Values per token block: three fp32 buffers of this size (768 KiB) and the block's slices of z
-#: and the gradient stay in a core's L2. Paired on [512, 2048] (00:40Z, load 11): 2^14 / 2^15 /
-#: 2^16 / 2^17 / 2^18 / 2^19 values took 1.13 / 0.96 / 0.98 / 1 / 1.12 / 1.26 x the time of 2^17.
+#: Values per token block: three fp32 buffers of this size (768 KiB) and the block's slices of z,
+#: the gradient and the output stay in a core's L2. Paired on [512, 2048] (00:40Z, load 11):
+#: 2^14 / 2^15 / 2^16 / 2^17 / 2^18 / 2^19 values took 1.13 / 0.96 / 0.98 / 1 / 1.12 / 1.26 x
+#: the time of 2^17.
 BLOCK_VALUES = 1 << 16
 
 
@@ -26,7 +30,7 @@ class BlockedTap:
     """A :class:`~l2e_optim._src.kernels.FusedTap` that owns its working buffers.
 
     One instance per wrapper: the sites' backward passes run one after another, so they share
-    the buffers (the largest site's size, per device), which keep their storage across steps.
+    the buffers (one per width), which keep their storage across steps.
     """
 
     def __init__(self) -> None:
@@ -54,42 +58,29 @@ class BlockedTap:
         block = self._block(z.device, n)  # [rows, 3N]: d | d^2 | selected (0/1)
         rows = block.shape[0]
         weights = valid if valid is not None else block.new_ones(tokens)  # [tokens]
-        # Padding is never selected; as a 0/1 factor that is one multiply per block. Its values
-        # are zeroed first (as ``statistics.deviations`` does): a NaN there is not the batch's.
+        # Padding's values are zeroed first (as ``statistics.deviations`` does: a NaN there is
+        # not the batch's); a zero is never selected (bar > 0), so padding needs nothing else.
         pad = None if valid is None else (valid <= 0)[:, None]  # [tokens, 1]
-        keep = None if valid is None else (valid > 0).to(torch.float32)[:, None]  # [tokens, 1]
-        out = None if grad is None else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        factor = float(scale)  # sync-ok: a CPU tensor (the blocked tap runs on CPU only)
+        # No penalty (warm-up, no statistics yet, monitoring): the gradient passes untouched.
+        out = None if grad is None or factor == 0.0 else torch.empty(grad.shape, dtype=grad.dtype)
         sums = block.new_zeros(3 * n)  # s1 | s2 | per-neuron selected counts
         for start in range(0, tokens, rows):
             stop = min(start + rows, tokens)
             work = block[: stop - start]
             d, dsq, over = work[:, :n], work[:, n : 2 * n], work[:, 2 * n :]
             torch.sub(z[start:stop], mean, out=d)
-            if pad is not None and keep is not None:
+            if pad is not None:
                 d.masked_fill_(pad[start:stop], 0.0)
             torch.mul(d, d, out=dsq)
             torch.ge(dsq, bar, out=over)
-            if keep is not None:
-                over.mul_(keep[start:stop])
             sums.addmv_(work.T, weights[start:stop])
-            if out is not None:
-                _half_log_ms_grad(d, dsq, over, log_eps, out[start:stop])
+            if out is not None and grad is not None:
+                # Where selected and finite, |d / (d^2 + log_eps)| <= 1 / (2 sqrt(log_eps)).
+                torch.addcdiv(grad[start:stop], d.mul_(over), dsq.add_(log_eps), value=factor, out=out[start:stop])
         counts, finite = sums[2 * n :], torch.isfinite(sums[n : 2 * n]).all()
         # Per-neuron counts are exact integers in fp32 (< 2^24 tokens); their total may not be.
         selected = counts.to(torch.int64).sum()
-        if grad is not None and out is not None:
-            factor = torch.where(finite, scale, 0.0).to(grad.dtype)
-            torch.addcmul(grad, out, factor, out=out)
-        return TapResult(out, sums[: 2 * n], selected, finite)
-
-
-def _half_log_ms_grad(d: Tensor, dsq: Tensor, over: Tensor, log_eps: float, out: Tensor) -> None:
-    """``out = d / (d^2 + log_eps)`` where selected, else 0 (``dsq`` is destroyed).
-
-    A NaN/inf ``d`` gives NaN times 0 here; zeroing it keeps a skipped micro-batch's gradient
-    exactly the incoming one (its scale is then 0). Where selected and finite, the value is at
-    most ``1 / (2 sqrt(log_eps))``, so no finite value is touched.
-    """
-    torch.div(d, dsq.add_(log_eps), out=out)
-    out.mul_(over)
-    torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
+        if out is not None and grad is not None and not bool(finite):  # sync-ok: CPU
+            out.copy_(grad)  # a skipped micro-batch: exactly the incoming gradient
+        return TapResult(grad if out is None else out, sums[: 2 * n], selected, finite)

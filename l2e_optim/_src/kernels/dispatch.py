@@ -32,6 +32,11 @@ def triton_interpreted() -> bool:
 
 def check_kernel(config: L2EConfig, device: torch.device) -> None:
     """Refuse, at construction, a ``kernel`` that cannot run on ``device``; the error says why."""
+    if config.kernel == "blocked" and device.type != "cpu":
+        raise RuntimeError(
+            f"L2EConfig(kernel='blocked') is the CPU path (it reads two scalars on the host) but the "
+            f"model is on {device}; use kernel='auto' (Triton on CUDA when installed, else eager)."
+        )
     if config.kernel != "triton":
         return
     if not triton_installed():

@@ -64,15 +64,20 @@ def inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> tuple[T
 def run_tap(
     fused: FusedTap | None, z: Tensor, grad: Tensor, valid: Tensor | None, mean: Tensor, var: Tensor,
     *, coef: float = COEF, step: int = 5, warmup: int = 0, count: int = 10, loss_scale: Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The outgoing gradient and the step accumulator after one micro-batch through the tap."""
+    """The outgoing gradient and the step accumulator after one micro-batch through the tap
+    (traced by ``torch.compile(backend=backend)`` when given)."""
     n, device = z.shape[-1], z.device
     acc = torch.zeros(2 * n + 3, device=device)
     scalars = [torch.tensor(v, device=device) for v in (TAU, count, step)]
     site = (mean.to(device), var.to(device), *scalars, acc)
     options = (EPS, LOG_EPS, coef, warmup, "threshold", 0.02, 1)
     leaf = z.detach().clone().requires_grad_()
-    _Tap.apply(leaf, valid, site, options, loss_scale, fused).backward(grad)  # type: ignore[no-untyped-call]
+    def tap(x: Tensor) -> Tensor:
+        return _Tap.apply(x, valid, site, options, loss_scale, fused)  # type: ignore[no-untyped-call,no-any-return]
+
+    (tap if backend is None else torch.compile(tap, backend=backend, fullgraph=True))(leaf).backward(grad)
     assert leaf.grad is not None
     return leaf.grad, acc
 
@@ -214,6 +219,29 @@ def test_fused_is_deterministic_and_inert_where_it_must_be(interpret: None, kind
         assert torch.equal(got, grad), inert
     scaled, _ = run_tap(impl, z, grad * 1024, None, mean, var, loss_scale=torch.tensor(1024.0))
     torch.testing.assert_close(scaled / 1024, first[0])  # GradScaler's scale is applied
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+@pytest.mark.parametrize("masked", [False, True])
+def test_traced_tap_matches_eager(bad: float | None, masked: bool) -> None:
+    """Under torch.compile the eager tap is traced in another form (the selection as an fp32
+    factor, the skip as a where): the same sums and count, the gradient to fp32 rounding, and a
+    non-finite micro-batch's gradient exactly the incoming one (eager makes an inf value's NaN)."""
+    torch._dynamo.reset()
+    z, grad, mean, var = inputs((20, 40), torch.float32)
+    valid = padding(20) if masked else None
+    if bad is not None:
+        z[0, 3] = bad  # a real token (padding() keeps row 0)
+    want_grad, want_acc = run_tap(None, z, grad, valid, mean, var)
+    got_grad, got_acc = run_tap(None, z, grad, valid, mean, var, backend="aot_eager")
+    torch._dynamo.reset()
+    assert torch.equal(got_acc, want_acc)
+    assert got_acc[-2] == (0 if bad is not None else want_acc[-2]) and got_acc[-1] == (bad is not None)
+    if bad is None:
+        assert want_acc[-2] > 0  # values were selected: the penalty is live
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-8)
+    else:
+        assert torch.equal(got_grad, grad)
 
 
 def test_pick_kernel_table() -> None:

@@ -5,8 +5,8 @@
 One ``[tokens, N]`` fp32 activation (default ``[512, 2048]``: one Pythia-70M site at 4 x 128
 tokens) with statistics present and a live L2E gradient; each round runs both implementations'
 backward once, in rotating order; the ratio is the median of the per-round ratios. Correctness
-first: the blocked gradient must equal the eager one bit for bit, and the sums agree to fp32
-rounding.
+first: the L2E gradient is live, the blocked gradient equals the eager one to fp32 rounding (it
+rounds once), and the sums agree to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def backward_of(fused: BlockedTap | None, tokens: int, neurons: int) -> tuple[Ca
     """A call that runs the tap's backward once; and the step accumulator it adds into."""
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(tokens, neurons, generator=g) * 2).requires_grad_()
-    grad = torch.randn(tokens, neurons, generator=g) * 1e-2
+    grad = incoming(tokens, neurons)
     acc = torch.zeros(2 * neurons + 3)
     site = (torch.zeros(neurons), torch.ones(neurons), torch.tensor(5.0), torch.tensor(100), torch.tensor(50), acc)
     options = (0.01, 1e-6, 1e-3, 10, "threshold", 0.02, 1)
@@ -39,10 +39,20 @@ def backward_of(fused: BlockedTap | None, tokens: int, neurons: int) -> tuple[Ca
     return run, acc
 
 
+def incoming(tokens: int, neurons: int) -> torch.Tensor:
+    """The gradient flowing into the tap (the same every call)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(tokens, neurons, generator=g) * 1e-2
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     eager, eager_acc = backward_of(None, args.tokens, args.neurons)
     blocked, blocked_acc = backward_of(BlockedTap(), args.tokens, args.neurons)
-    assert torch.equal(eager(), blocked()), "the blocked gradient differs from the eager one"
+    want, got = eager(), blocked()
+    penalty = (want - incoming(args.tokens, args.neurons)).abs().max()
+    assert penalty > 1e-7, "the L2E gradient is not live: nothing would be timed"
+    # Rounded once in fp32 (eager rounds d / (d^2 + delta) first): equal to fp32 rounding.
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(blocked_acc, eager_acc, rtol=1e-5, atol=1e-3)
     _, cpu = _common.paired_times({"eager": eager, "blocked": blocked}, rounds=args.rounds, warmup=2)
     ratio = _common.paired_ratio(cpu["blocked"], cpu["eager"])
@@ -52,7 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(_common.table(["tap", "median CPU ms"], rows))
     return {"tokens": args.tokens, "neurons": args.neurons, "rounds": args.rounds, "smoke": args.smoke,
             "eager_ms": rows[0][1], "blocked_ms": rows[1][1], "blocked_over_eager": ratio,
-            "checks": {"gradient_bit_identical": True, "sums_close": True}}
+            "checks": {"gradient_close": True, "penalty_live": True, "sums_close": True}}
 
 
 OPTIONS: dict[str, _common.Default] = {"tokens": (64, 512), "neurons": (256, 2048), "rounds": (3, 40)}

@@ -155,6 +155,26 @@ def test_blocked_buffers_do_not_grow_with_the_token_count() -> None:
     assert sorted(n for _, n in tap._blocks) == [17, 33]
 
 
+def test_blocked_output_storage_is_reused_only_when_free() -> None:
+    tap = BlockedTap()
+    z, grad, mean, var = inputs((40, 33), torch.float32)
+    bar, scale = torch.full((33,), 0.5), torch.tensor(1e-2)
+    first = tap(z, grad, None, mean, bar, scale, LOG_EPS).grad
+    assert first is not None
+    kept, pointer = first.clone(), first.data_ptr()
+    second = tap(z, grad * 2, None, mean, bar, scale, LOG_EPS).grad  # `first` still held
+    assert second is not None and second.data_ptr() != pointer and torch.equal(first, kept)
+    pointer = second.data_ptr()
+    del first, second
+    third = tap(z[:30], grad[:30], None, mean, bar, scale, LOG_EPS).grad  # free again: reused
+    assert third is not None and third.data_ptr() == pointer
+    torch.testing.assert_close(third, kept[:30])
+    # Through autograd: a retained leaf gradient is never overwritten by a later backward.
+    leaf_grads = [run_tap(tap, z, grad * k, None, mean, var)[0] for k in (1.0, 3.0)]
+    torch.testing.assert_close(leaf_grads[1], run_tap(None, z, grad * 3.0, None, mean, var)[0], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(leaf_grads[0], run_tap(None, z, grad, None, mean, var)[0], rtol=1e-6, atol=1e-8)
+
+
 def test_triton_spans_several_programs(interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("l2e_optim._src.kernels.triton_tap.TARGET_PROGRAMS", 2)  # 2 stripes x 3 rows
     z, grad, mean, var = inputs((70, 200), torch.float32)

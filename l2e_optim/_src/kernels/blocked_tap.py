@@ -1,7 +1,8 @@
 """The tap's backward in token blocks of torch ops over preallocated buffers (the CPU fast path).
 
 No compiler: plain torch ops, arranged so one block's ``[rows, N]`` working set stays in a core's
-L2 cache and nothing is allocated per call but the outgoing gradient. Per block, seven passes:
+L2 cache and nothing is allocated per call (the outgoing gradient reuses its storage while it is
+free, see ``BlockedTap._output``). Per block, seven passes:
 ``d = z - mean``, ``d^2``, the selection (an fp32 0/1 tensor: a comparison into bool costs twice
 one into fp32 on CPU, and ``masked_fill``/``where`` with a bool mask ten times a multiply), one
 matrix-vector product for the three per-neuron sums over the block laid out as ``[d | d^2 |
@@ -35,6 +36,25 @@ class BlockedTap:
 
     def __init__(self) -> None:
         self._blocks: dict[tuple[torch.device, int], Tensor] = {}
+        self._outputs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _output(self, grad: Tensor) -> Tensor:
+        """Storage for the outgoing gradient: the last call's, when nothing else holds it.
+
+        A fresh ``[tokens, N]`` tensor per call page-faults its whole size on first write when
+        the heap has given that memory back (measured in a Pythia-70M step: ~800 minor faults
+        and +1.2 ms per 4 MiB call, a third of the call). The previous output is normally free
+        again by the next site's backward (the next node consumed it); while anything still
+        references its storage (autograd's buffers, a hook, a ``.grad``), a new one is made.
+        One buffer per (device, dtype), grown to the largest micro-batch seen.
+        """
+        key, numel = (grad.device, grad.dtype), grad.numel()
+        base = self._outputs.get(key)
+        # Two references when free: `base` itself and the temporary storage object asking.
+        if base is None or base.numel() < numel or torch._C._storage_Use_Count(base.untyped_storage()._cdata) != 2:
+            base = torch.empty(numel, dtype=grad.dtype, device=grad.device)
+            self._outputs[key] = base
+        return base[:numel].view(grad.shape)
 
     def _block(self, device: torch.device, neurons: int) -> Tensor:
         """The ``[rows, 3N]`` buffer of a width: one per (device, N), whatever the token count."""
@@ -63,7 +83,7 @@ class BlockedTap:
         pad = None if valid is None else (valid <= 0)[:, None]  # [tokens, 1]
         factor = float(scale)  # sync-ok: a CPU tensor (the blocked tap runs on CPU only)
         # No penalty (warm-up, no statistics yet, monitoring): the gradient passes untouched.
-        out = None if grad is None or factor == 0.0 else torch.empty(grad.shape, dtype=grad.dtype)
+        out = None if grad is None or factor == 0.0 else self._output(grad)
         sums = block.new_zeros(3 * n)  # s1 | s2 | per-neuron selected counts
         for start in range(0, tokens, rows):
             stop = min(start + rows, tokens)

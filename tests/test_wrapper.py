@@ -234,9 +234,12 @@ class _SyncTrap:
 @pytest.mark.parametrize("mode", ["l2e", "memel", "none"])
 @pytest.mark.parametrize("retrieval", ["auto", "batch-topk", "sample-topk"])
 def test_no_host_sync_in_forward_backward_and_step(corpus: torch.Tensor, mode: str, retrieval: str) -> None:
+    # The eager tap: what runs on an accelerator without Triton, and the form torch.compile
+    # traces. ("auto" picks the blocked tap on CPU, which reads two scalars on the host by design:
+    # free on a CPU, and refused on any other device; tests/test_cuda.py checks Triton's path.)
     model = PlainLM(layers=2)
     opt = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model,
-                     config=L2EConfig(inhibition=mode, warmup_steps=1, retrieval=retrieval))  # type: ignore[arg-type]
+                     config=L2EConfig(inhibition=mode, warmup_steps=1, retrieval=retrieval, kernel="eager"))  # type: ignore[arg-type]
     data = batches(corpus, 2, 9)
     mask = torch.ones(2, 8)
     mask[1, 5:] = 0

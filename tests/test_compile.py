@@ -7,6 +7,7 @@ build that makes Inductor take ~50 s on a 2-core CI machine; the Inductor run is
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,3 +126,31 @@ def test_every_traced_tap_gathers_what_eager_gathers(corpus: Tensor, overrides: 
 @pytest.mark.slow
 def test_inductor_equals_eager_without_recompiles(corpus: Tensor) -> None:
     compiled_matches_eager(corpus, "inductor", steps=3)
+
+
+def test_metrics_warn_when_a_compiled_graph_bypasses_the_hooks(corpus: Tensor) -> None:
+    # Dynamo does not guard on module hooks by default: a graph traced before the wrapper
+    # existed keeps running without its hooks, and L2E would do nothing, silently.
+    data = batches(corpus, 4, 17)
+    for guard_hooks in (False, True):
+        torch._dynamo.reset()
+        model = PlainLM()
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=not guard_hooks):
+            compiled = torch.compile(model, backend="aot_eager")
+            loss_of(compiled, next(data))  # traced without hooks
+            opt = wrap(model)
+            opt.metrics()
+            for _ in range(2):
+                loss_of(compiled, next(data)).backward()
+                opt.step()
+                opt.zero_grad()
+            if guard_hooks:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    opt.metrics()
+                assert all(int(s.count) > 0 for s in opt.sites.values())
+            else:
+                with pytest.warns(RuntimeWarning, match="2 optimizer steps .* none of the 2 hooked sites saw a token"):
+                    opt.metrics()
+                assert all(int(s.count) == 0 for s in opt.sites.values())
+

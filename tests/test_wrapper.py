@@ -254,3 +254,30 @@ def test_no_host_sync_in_forward_backward_and_step(corpus: torch.Tensor, mode: s
     with _SyncTrap(), pytest.raises(AssertionError, match="host synchronisation"):
         float(loss)  # the trap itself works
     assert int(opt.step_count) == 3
+
+
+def test_metrics_warn_only_when_steps_saw_no_token(corpus: torch.Tensor) -> None:
+    model = PlainLM(layers=2)
+    opt = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.01), model)
+    data = batches(corpus, 2, 9)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            model.loss(next(data)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.metrics()
+        train(2)
+        opt.metrics()  # the hooks ran
+        opt.metrics()  # no step since: nothing to say
+        with opt.paused():
+            train(1)
+            opt.metrics()  # paused on purpose
+    model.eval()  # a loop that forgot model.train(): the hooks stay off
+    train(3)
+    with pytest.warns(RuntimeWarning, match="3 optimizer steps since the last metrics.. call, and none of the 2"):
+        opt.metrics()
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -83,6 +84,7 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         self._record_names = {name: record_name(model, name) for name in names}
         self._reset_requested = False
         self._handles = attach_hooks(self, modules, self._sites, self._runtime, tap)
+        self._last_seen: tuple[float, float] | None = None  # metrics(): (step, tokens seen)
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
     @property
@@ -225,14 +227,37 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         detach_hooks(self, self._handles)
 
     def metrics(self) -> dict[str, float]:
-        """Scalars for logging (this is the one method that synchronises with the device)."""
+        """Scalars for logging (this is the one method that synchronises with the device).
+
+        Also a check that the hooks run: if optimizer steps were taken since the previous call
+        and no site saw a single token, it warns (``RuntimeWarning``) with the likely causes.
+        """
         out: dict[str, float] = {"l2e/step": float(self._step_count)}
         for name, site in self._sites.items():
             out[f"l2e/{name}/threshold"] = float(site.threshold)
             out[f"l2e/{name}/selected_fraction"] = float(site.selected_fraction)
             out[f"l2e/{name}/nonfinite_microbatches"] = float(site.nonfinite)
             out[f"l2e/{name}/mean_var"] = float(site.var.mean())
+        self._warn_if_blind(out["l2e/step"])
         return out
+
+    def _warn_if_blind(self, step: float) -> None:
+        """Warn when steps were taken since the last ``metrics()`` but no site saw a token."""
+        seen = sum(float(site.count.sum()) + float(site.nonfinite) for site in self._sites.values())
+        last, self._last_seen = self._last_seen, (step, seen)
+        if last is None or step <= last[0] or seen != last[1] or self._runtime.paused or not self._handles:
+            return
+        warnings.warn(
+            f"L2E: {step - last[0]:.0f} optimizer steps since the last metrics() call, and none of "
+            f"the {len(self._sites)} hooked sites saw a token, so nothing was measured or inhibited. "
+            "The hooks did not run: a torch.compile'd model whose graph was traced without them "
+            "(build the L2EWrapper before the model's first compiled call, or set "
+            "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling), a model in "
+            "eval() mode or under no_grad while training, steps taken inside opt.paused(), or a "
+            "different model than the wrapped one.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     # -- plumbing -------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -271,6 +296,7 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         self.process_group = None
         self._runtime = SiteRuntime(self.config, self._step_count)
         self._handles = []
+        self._last_seen = None
         self._closure_required = requires_closure(self._base)
 
     def __repr__(self) -> str:

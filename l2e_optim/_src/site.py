@@ -137,10 +137,10 @@ class SiteRuntime:
         # accelerator the tap reads mask > 0, so a stray value never counts a token twice.
         if mask is not None and mask.device.type == "cpu" and mask.dtype != torch.bool:
             if not bool(((mask == 0) | (mask == 1)).all()):  # sync-ok: a CPU tensor, no device to wait for
+                found = sorted(set(mask.flatten().tolist()))[:5]  # sync-ok: the error path of a CPU mask
                 raise ValueError(
-                    "token mask values must be 0 (padding) or 1 (real token); got "
-                    # sync-ok: the error path of a CPU mask
-                    f"{sorted(set(mask.flatten().tolist()))[:5]}; pass the batch's attention_mask."
+                    f"token mask values must be 0 (padding) or 1 (real token); got {found}; pass the "
+                    "batch's attention_mask."
                 )
         self.token_mask = mask
 

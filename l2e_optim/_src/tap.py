@@ -61,7 +61,8 @@ class _Tap(torch.autograd.Function):
         over = dsq >= bar  # what the moving threshold counts, whatever inhibits
         if valid3 is not None:
             over &= valid3[..., None] > 0
-        if torch.compiler.is_compiling():
+        traced = torch.compiler.is_compiling()
+        if traced:
             # One fp32 0/1 tensor for the count and the penalty: Inductor's CPU code stores and
             # applies a bool mask far slower than it multiplies (see _traced_penalty).
             over = over.to(torch.float32)
@@ -84,7 +85,7 @@ class _Tap(torch.autograd.Function):
             picked = retrieve(scores, retrieval, tau, ratio, topk, sample_count(z.shape), valid)
             selected = picked.view(z3.shape) & stats.seen
         scale = _penalty_scale(coef, tokens.sum(), finite & (step >= warmup), ctx.loss_scale)
-        if torch.compiler.is_compiling():
+        if traced:
             return _traced_penalty(grad, d, dsq, selected, scale, finite, log_eps), None, None, None, None, None
         extra = half_log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
         return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None, None

@@ -77,7 +77,10 @@ def test_per_position_scores_match_reference() -> None:
     fast = monosemanticity_scores(z, mean, var, eps=0.01, count=count)
     torch.testing.assert_close(fast.double(), reference.scores_per_position(z, mean, var, count, 0.01), rtol=1e-5, atol=1e-6)
     everything = monosemanticity_scores(z, mean, var, eps=0.01)  # default: every row counts
-    torch.testing.assert_close(everything.double(), reference.scores_per_position(z, mean, var, torch.ones(4), 0.01), rtol=1e-5, atol=1e-6)
+    want = reference.scores_per_position(z, mean, var, torch.full((4,), 2), 0.01)
+    torch.testing.assert_close(everything.double(), want, rtol=1e-5, atol=1e-6)
+    uncompensated = reference.scores_per_position(z, mean, var, torch.zeros(4), 0.01)
+    assert not torch.allclose(want, uncompensated, rtol=1e-3)  # the default really compensates
 
 
 def test_l2e_penalises_the_per_position_threshold_selection(corpus: torch.Tensor) -> None:

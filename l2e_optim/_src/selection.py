@@ -82,7 +82,8 @@ def monosemanticity_scores(
         d = z.float() - mean.float()
         return d * d / score_denominator(var.float(), eps)
     z3 = as_sequences(z)
-    count = torch.ones(mean.shape[0], device=mean.device) if count is None else count
+    if count is None:  # every row holds data
+        count = torch.full((mean.shape[0],), MIN_COUNT, device=mean.device)
     stats = token_statistics(mean.float(), var.float(), count, eps, z3.shape[1])
     d = z3.float() - stats.shift
     return (d * d / stats.denom).reshape(z.shape)

@@ -125,3 +125,12 @@ def test_tap_time(capsys: pytest.CaptureFixture[str]) -> None:
 
     result = _run(tap_time.main, capsys)
     _finite(result["eager_ms"], result["blocked_ms"], result["blocked_over_eager"])
+
+
+def test_traced_tap(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import traced_tap
+
+    result = _run(traced_tap.main, capsys)
+    assert result["checks"] == {"taps_agree": True, "penalty_live": True, "forms_differ": True}
+    _finite(*result["ms"].values())
+

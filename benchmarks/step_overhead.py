@@ -4,7 +4,8 @@
                                        [--compile]
 
 Every arm (AdamW; L2E and MEmeL with the "mid-2" and "all" sites, with the default tap kernel
-("auto": the blocked fused tap on CPU), L2E "all" with the eager tap for comparison, and L2E and
+("auto": on CPU the C tap when a C compiler is present, else the blocked tap), L2E "all" with
+the blocked and the eager tap for comparison, and L2E and
 MEmeL "mid-2" with per-position statistics, one row per position, whose tap runs eager) owns a
 copy of the same initial model and sees the same batches in the same order; the arms' steps are
 interleaved round by round and the slowdown is the median of the per-round ratios to AdamW.
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from l2e_optim import L2EConfig, L2EWrapper
+from l2e_optim._src.kernels import native_tap
 from l2e_optim._src.kernels.dispatch import pick_kernel
 from l2e_optim._lab.zoo import build_model, lm_loss
 
@@ -37,7 +39,7 @@ from . import _common
 #: Targets from the issues: L2E at most 1.01x AdamW with "mid-2" sites, 1.03x with "all"; with
 #: the model compiled, 1.01x.
 TARGETS = {"l2e/mid-2": 1.01, "l2e/all": 1.03, "compiled/l2e/all": 1.01}
-ARMS = ["adamw", "l2e/mid-2", "l2e/all", "l2e/all/eager", "memel/mid-2", "memel/all",
+ARMS = ["adamw", "l2e/mid-2", "l2e/all", "l2e/all/blocked", "l2e/all/eager", "memel/mid-2", "memel/all",
         "l2e/mid-2/per-position", "memel/mid-2/per-position"]
 COMPILED_ARMS = ["compiled/adamw", "compiled/l2e/mid-2", "compiled/l2e/all"]
 LR = 1e-3
@@ -45,7 +47,7 @@ LR = 1e-3
 
 def make_optimizer(model: nn.Module, arm: str, seq: int) -> torch.optim.Optimizer:
     """AdamW, or AdamW wrapped for ``arm`` = "[compiled/]<l2e|memel>/<layers>[/<option>]", the
-    option a tap kernel ("eager") or "per-position" statistics (one row per position of ``seq``)."""
+    option a tap kernel ("blocked", "eager") or "per-position" statistics (one row per position of ``seq``)."""
     base = torch.optim.AdamW(model.parameters(), lr=LR)
     parts = arm.removeprefix("compiled/").split("/")
     if parts == ["adamw"]:
@@ -176,7 +178,7 @@ def _kernel(opt: torch.optim.Optimizer, arm: str) -> str:
         return "-"
     config = opt.config
     return pick_kernel(config.kernel, fusable=config.fusable, device_type="cpu",
-                       compiling=arm.startswith("compiled/"), triton_ok=False)
+                       compiling=arm.startswith("compiled/"), triton_ok=False, native_ok=native_tap.available())
 
 
 def _check_inhibition_live(

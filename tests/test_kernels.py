@@ -1,5 +1,5 @@
-"""The fused tap backward (blocked CPU path, Triton kernel) against the eager tap and the
-float64 reference; the dispatcher and every value of ``L2EConfig.kernel``.
+"""The fused tap backward (C and blocked CPU paths, Triton kernel) against the eager tap and the
+float64 reference; the dispatcher, the C tap's build, and every value of ``L2EConfig.kernel``.
 
 The Triton kernel runs here on CPU tensors under ``TRITON_INTERPRET=1`` (set by tests/conftest.py
 before anything imports triton; no autotuning, small odd shapes).
@@ -11,7 +11,9 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +24,9 @@ from l2e_optim import ConfigError, L2EConfig, L2EWrapper
 from l2e_optim._lab.zoo import PlainLM
 from l2e_optim._src import reference
 from l2e_optim._src.kernels import FusedTap
-from l2e_optim._src.kernels import dispatch
+from l2e_optim._src.kernels import dispatch, native_tap
 from l2e_optim._src.kernels.blocked_tap import BlockedTap
+from l2e_optim._src.kernels.native_tap import NativeTap
 from l2e_optim._src.tap import _Tap
 
 EPS, LOG_EPS, COEF, TAU = 0.01, 1e-6, 0.5, 1.5
@@ -49,7 +52,25 @@ def triton_impl() -> FusedTap:
 
 
 def make_impl(kind: str) -> FusedTap | None:
-    return {"eager": lambda: None, "blocked": BlockedTap, "triton": triton_impl}[kind]()
+    return {"eager": lambda: None, "native": NativeTap, "blocked": BlockedTap, "triton": triton_impl}[kind]()
+
+
+@pytest.fixture
+def kernel_ready(request: pytest.FixtureRequest) -> None:
+    """What the test's ``kind`` (or ``kernel``) needs: Triton's interpreter, or a C compiler."""
+    params = request.node.callspec.params
+    kind = params.get("kind", params.get("kernel"))
+    if kind == "triton":
+        request.getfixturevalue("interpret")
+    elif kind == "native":
+        request.getfixturevalue("native")
+
+
+@pytest.fixture
+def native() -> None:
+    """The C tap, which needs a C compiler (CI has one; elsewhere these tests skip)."""
+    if not native_tap.available():
+        pytest.skip("no C compiler: the C tap cannot be built here")
 
 
 def inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -104,15 +125,16 @@ def assert_matches_eager(kind: str, z: Tensor, grad: Tensor, valid: Tensor | Non
 SHAPES = [(37, 300), (3, 5, 19), (1, 1), (70, 129)]
 
 
+@pytest.mark.parametrize("kind", ["native", "blocked"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_blocked_matches_eager(shape: tuple[int, ...], dtype: torch.dtype, masked: bool) -> None:
+def test_cpu_kernels_match_eager(kernel_ready: None, kind: str, shape: tuple[int, ...], dtype: torch.dtype, masked: bool) -> None:
     z, grad, mean, var = inputs(shape, dtype)
     if shape == (1, 1):
         z = torch.full(shape, 9.0, dtype=dtype)  # one value, selected
     tokens = z.numel() // shape[-1]
-    assert_matches_eager("blocked", z, grad, padding(tokens) if masked else None, mean, var)
+    assert_matches_eager(kind, z, grad, padding(tokens) if masked else None, mean, var)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -126,9 +148,9 @@ def test_triton_matches_eager(interpret: None, shape: tuple[int, ...], dtype: to
     assert_matches_eager("triton", z, grad, padding(tokens) if masked else None, mean, var)
 
 
-@pytest.mark.parametrize("kind", ["blocked", "triton"])
+@pytest.mark.parametrize("kind", ["native", "blocked", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_half_precision_rounds_once(interpret: None, kind: str, dtype: torch.dtype) -> None:
+def test_fused_half_precision_rounds_once(kernel_ready: None, kind: str, dtype: torch.dtype) -> None:
     """At 16 bits the kernels add the penalty in fp32 and round once, eager rounds the penalty
     first: nowhere more than one rounding step farther from the float64 reference than eager."""
     z, grad, mean, var = inputs((37, 300), dtype, seed=4)
@@ -155,8 +177,10 @@ def test_blocked_buffers_do_not_grow_with_the_token_count() -> None:
     assert sorted(n for _, n in tap._blocks) == [17, 33]
 
 
-def test_blocked_output_storage_is_reused_only_when_free() -> None:
-    tap = BlockedTap()
+@pytest.mark.parametrize("kind", ["native", "blocked"])
+def test_cpu_output_storage_is_reused_only_when_free(kernel_ready: None, kind: str) -> None:
+    tap = make_impl(kind)
+    assert isinstance(tap, BlockedTap)
     z, grad, mean, var = inputs((40, 33), torch.float32)
     bar, scale = torch.full((33,), 0.5), torch.tensor(1e-2)
     first = tap(z, grad, None, mean, bar, scale, LOG_EPS).grad
@@ -181,9 +205,9 @@ def test_triton_spans_several_programs(interpret: None, monkeypatch: pytest.Monk
     assert_matches_eager("triton", z, grad, padding(70), mean, var)
 
 
-@pytest.mark.parametrize("kind", ["blocked", "triton"])
+@pytest.mark.parametrize("kind", ["native", "blocked", "triton"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_matches_float64_reference(interpret: None, kind: str, masked: bool) -> None:
+def test_fused_matches_float64_reference(kernel_ready: None, kind: str, masked: bool) -> None:
     z, grad, mean, var = inputs((13, 70), torch.float32, seed=3)
     valid = padding(13) if masked else None
     got_grad, acc = run_tap(make_impl(kind), z, grad, valid, mean, var)
@@ -198,9 +222,9 @@ def test_fused_matches_float64_reference(interpret: None, kind: str, masked: boo
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["blocked", "triton"])
+@pytest.mark.parametrize("kind", ["native", "blocked", "triton"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_microbatch_is_skipped(interpret: None, kind: str, bad: float) -> None:
+def test_nonfinite_microbatch_is_skipped(kernel_ready: None, kind: str, bad: float) -> None:
     z, grad, mean, var = inputs((20, 40), torch.float32)
     valid = padding(20)
     z[0, 3] = bad  # a real token
@@ -213,9 +237,9 @@ def test_nonfinite_microbatch_is_skipped(interpret: None, kind: str, bad: float)
         assert torch.equal(want_grad, grad) and torch.equal(want_acc, acc)
 
 
-@pytest.mark.parametrize("kind", ["blocked", "triton"])
+@pytest.mark.parametrize("kind", ["native", "blocked", "triton"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_padding_is_ignored(interpret: None, kind: str, bad: float) -> None:
+def test_nonfinite_padding_is_ignored(kernel_ready: None, kind: str, bad: float) -> None:
     z, grad, mean, var = inputs((20, 40), torch.float32)
     valid = padding(20)
     row = int((valid == 0).nonzero()[0])
@@ -228,8 +252,8 @@ def test_nonfinite_padding_is_ignored(interpret: None, kind: str, bad: float) ->
     torch.testing.assert_close(acc, want_acc, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["blocked", "triton"])
-def test_fused_is_deterministic_and_inert_where_it_must_be(interpret: None, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["native", "blocked", "triton"])
+def test_fused_is_deterministic_and_inert_where_it_must_be(kernel_ready: None, kind: str) -> None:
     z, grad, mean, var = inputs((37, 300), torch.float32)
     impl = make_impl(kind)
     first, second = run_tap(impl, z, grad, None, mean, var), run_tap(impl, z, grad, None, mean, var)
@@ -266,17 +290,19 @@ def test_traced_tap_matches_eager(bad: float | None, masked: bool) -> None:
 
 def test_pick_kernel_table() -> None:
     pick = dispatch.pick_kernel
-    cpu = {"device_type": "cpu", "compiling": False, "triton_ok": True}
-    cuda = {"device_type": "cuda", "compiling": False, "triton_ok": True}
-    assert pick("auto", fusable=True, **cpu) == "blocked"  # type: ignore[arg-type]
+    cpu = {"device_type": "cpu", "compiling": False, "triton_ok": True, "native_ok": True}
+    cuda = {"device_type": "cuda", "compiling": False, "triton_ok": True, "native_ok": True}
+    assert pick("auto", fusable=True, **cpu) == "native"  # type: ignore[arg-type]
+    assert pick("auto", fusable=True, **{**cpu, "native_ok": False}) == "blocked"  # type: ignore[arg-type]
     assert pick("auto", fusable=True, **cuda) == "triton"  # type: ignore[arg-type]
-    assert pick("auto", fusable=True, device_type="cuda", compiling=False, triton_ok=False) == "eager"
-    assert pick("auto", fusable=True, device_type="mps", compiling=False, triton_ok=True) == "eager"
+    assert pick("auto", fusable=True, **{**cuda, "triton_ok": False}) == "eager"  # type: ignore[arg-type]
+    assert pick("auto", fusable=True, **{**cuda, "device_type": "mps"}) == "eager"  # type: ignore[arg-type]
     assert pick("auto", fusable=False, **cuda) == "eager"  # type: ignore[arg-type]
-    assert pick("auto", fusable=True, device_type="cuda", compiling=True, triton_ok=True) == "eager"
-    for requested in ("blocked", "triton"):
+    assert pick("auto", fusable=False, **cpu) == "eager"  # type: ignore[arg-type]
+    assert pick("auto", fusable=True, **{**cuda, "compiling": True}) == "eager"  # type: ignore[arg-type]
+    for requested in ("native", "blocked", "triton"):
         assert pick(requested, fusable=True, **cpu) == requested  # type: ignore[arg-type]
-        assert pick(requested, fusable=True, device_type="cpu", compiling=True, triton_ok=True) == "eager"
+        assert pick(requested, fusable=True, **{**cpu, "compiling": True}) == "eager"  # type: ignore[arg-type]
     assert pick("eager", fusable=True, **cuda) == "eager"  # type: ignore[arg-type]
 
 
@@ -287,12 +313,13 @@ def test_chooser_runs_eager_where_the_gradient_needs_a_ranking(retrieval: str, i
     chooser = dispatch.KernelChooser(config)
     z = torch.ones(4, 8)
     ranked = inhibition == "l2e" and retrieval != "threshold"
-    assert chooser.name(z) == ("eager" if ranked else "blocked")
+    cpu_kernel = "native" if native_tap.available() else "blocked"
+    assert chooser.name(z) == ("eager" if ranked else cpu_kernel)
     assert (chooser.choose(z) is None) == ranked
     assert chooser.name(torch.ones(0, 8)) == "eager"
     assert dispatch.KernelChooser(L2EConfig(kernel="eager")).choose(z) is None
     if ranked:
-        for kernel in ("blocked", "triton"):
+        for kernel in ("native", "blocked", "triton"):
             with pytest.raises(ConfigError, match=f"kernel='{kernel}' fuses pooled statistics and the threshold retrieval only"):
                 L2EConfig(inhibition=inhibition, retrieval=retrieval, kernel=kernel)  # type: ignore[arg-type]
 
@@ -300,13 +327,13 @@ def test_chooser_runs_eager_where_the_gradient_needs_a_ranking(retrieval: str, i
 def test_per_position_statistics_run_eager(interpret: None, corpus: Tensor) -> None:
     config = L2EConfig(statistics="per-position", max_positions=8)
     assert dispatch.KernelChooser(config).name(torch.ones(4, 8)) == "eager"
-    for kernel in ("blocked", "triton"):
+    for kernel in ("native", "blocked", "triton"):
         with pytest.raises(ConfigError, match="statistics='per-position'"):
             L2EConfig(statistics="per-position", kernel=kernel)  # type: ignore[arg-type]
 
 
 def test_kernel_config_values() -> None:
-    for kernel in ("auto", "eager", "blocked", "triton"):
+    for kernel in ("auto", "eager", "native", "blocked", "triton"):
         assert L2EConfig(kernel=kernel).kernel == kernel  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="kernel='cuda' is not one of"):
         L2EConfig(kernel="cuda")  # type: ignore[arg-type]
@@ -323,10 +350,11 @@ def test_triton_kernel_is_refused_where_it_cannot_run(monkeypatch: pytest.Monkey
         L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=config)
 
 
-def test_blocked_kernel_is_refused_off_the_cpu() -> None:
+@pytest.mark.parametrize("kernel", ["native", "blocked"])
+def test_cpu_kernels_are_refused_off_the_cpu(kernel: str) -> None:
     model = PlainLM(layers=2).to("meta")
-    with pytest.raises(RuntimeError, match="kernel='blocked'. is the CPU path .* the model is on meta"):
-        L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=L2EConfig(kernel="blocked"))
+    with pytest.raises(RuntimeError, match=f"kernel='{kernel}'. is a CPU path .* the model is on meta"):
+        L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=L2EConfig(kernel=kernel))  # type: ignore[arg-type]
     L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=L2EConfig(kernel="auto"))
 
 
@@ -346,9 +374,9 @@ def train(kernel: str, corpus: Tensor, inhibition: str = "l2e") -> tuple[list[Te
     return [p.detach() for p in model.parameters()], [t for s in opt.sites.values() for t in s.tensors().values()]
 
 
-@pytest.mark.parametrize("kernel", ["auto", "blocked", "triton"])
+@pytest.mark.parametrize("kernel", ["auto", "native", "blocked", "triton"])
 @pytest.mark.parametrize("inhibition", ["l2e", "memel"])
-def test_training_with_each_kernel_matches_eager(interpret: None, corpus: Tensor, kernel: str, inhibition: str) -> None:
+def test_training_with_each_kernel_matches_eager(kernel_ready: None, corpus: Tensor, kernel: str, inhibition: str) -> None:
     want_params, want_state = train("eager", corpus, inhibition)
     got_params, got_state = train(kernel, corpus, inhibition)
     for got, want in zip(got_params + got_state, want_params + want_state):
@@ -396,3 +424,118 @@ def test_triton_kernels_compile_for_a_gpu() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.getcwd()
     subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], check=True, env=env, timeout=600)
+
+
+def test_native_sums_do_not_depend_on_the_thread_count(native: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread owns a stripe of neurons and adds its rows in order: bit-identical results."""
+    z, grad, mean, var = inputs((50, 200), torch.float32, seed=5)
+    bar, scale = torch.full((200,), 1.2), torch.tensor(1e-2)
+    monkeypatch.setattr(native_tap, "MIN_VALUES_PER_THREAD", 1)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3, 7):
+            torch.set_num_threads(count)
+            got = NativeTap()(z, grad, padding(50), mean, bar, scale, LOG_EPS)
+            assert got.grad is not None and int(got.selected) > 0
+            results.append((got.grad.clone(), got.sums.clone(), int(got.selected)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1]) and other[2] == results[0][2]
+
+
+def test_native_takes_strided_inputs(native: None) -> None:
+    """A non-contiguous activation or gradient (an expanded one, from ``.sum().backward()``)."""
+    z, grad, mean, var = inputs((30, 64), torch.float32)
+    bar, scale = torch.full((64,), 0.5), torch.tensor(1e-2)
+    strided_z = z.t().contiguous().t()  # column-major
+    assert not strided_z.is_contiguous()
+    flat = torch.tensor(1e-2).expand(30, 64)
+    got = NativeTap()(strided_z, flat, None, mean, bar, scale, LOG_EPS)
+    want = BlockedTap()(z, flat.contiguous(), None, mean, bar, scale, LOG_EPS)
+    assert got.grad is not None and want.grad is not None
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got.sums, want.sums, rtol=1e-5, atol=1e-4)
+    assert int(got.selected) == int(want.selected) > 0
+
+
+@pytest.fixture
+def fresh_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """The C tap's build state reset, with its cache in a fresh folder; restored afterwards."""
+    monkeypatch.setenv("L2E_OPTIM_CACHE_DIR", str(tmp_path / "cache"))
+    native_tap.library.cache_clear()
+    native_tap.available.cache_clear()
+    yield tmp_path / "cache"
+    native_tap.library.cache_clear()
+    native_tap.available.cache_clear()
+
+
+def test_native_is_built_once_and_then_loaded_from_the_cache(
+    native: None, fresh_native: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds: list[Path] = []
+    build = native_tap._build
+
+    def counted(cc: str, folder: Path, path: Path) -> None:
+        builds.append(path)
+        build(cc, folder, path)
+
+    monkeypatch.setattr(native_tap, "_build", counted)
+    native_tap.library()
+    assert len(builds) == 1 and builds[0].parent == fresh_native and builds[0].exists()
+    assert [p.name for p in fresh_native.iterdir()] == [builds[0].name]  # no scratch file left
+    native_tap.library.cache_clear()
+    native_tap.library()  # a new process, in effect: loaded, not rebuilt
+    assert len(builds) == 1
+
+
+def test_native_builds_where_the_cache_cannot_be_written(native: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("L2E_OPTIM_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # mkdir fails
+    native_tap.library.cache_clear()
+    try:
+        assert native_tap.library()._name.startswith(tempfile.gettempdir())
+    finally:
+        native_tap.library.cache_clear()
+
+
+def test_native_builds_race_safely(native: None, tmp_path: Path) -> None:
+    """Ranks starting together build into one cache: each gets a whole, loadable library."""
+    code = (
+        "import torch; from l2e_optim._src.kernels.native_tap import NativeTap, library; library(); "
+        "r = NativeTap()(torch.ones(4, 8), torch.ones(4, 8), None, torch.zeros(8), torch.full((8,), 0.5), "
+        "torch.tensor(1.0), 1e-6); assert int(r.selected) == 32"
+    )
+    env = {**os.environ, "L2E_OPTIM_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".so"]) == 1
+
+
+def test_without_a_compiler_auto_falls_back_and_native_is_refused(
+    fresh_native: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-cc"))
+    assert not native_tap.available()
+    assert dispatch.KernelChooser(L2EConfig()).name(torch.ones(4, 8)) == "blocked"
+    model = PlainLM(layers=2)
+    with pytest.raises(RuntimeError, match=r"kernel='native'. needs the C tap, which cannot be built here: .*no-such-cc"):
+        L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=L2EConfig(kernel="native"))
+    monkeypatch.setattr(native_tap, "compiler", lambda: None)
+    native_tap.library.cache_clear()
+    with pytest.raises(native_tap.NativeUnavailable, match="no C compiler found"):
+        native_tap.library()
+
+
+def test_native_compile_error_is_reported(fresh_native: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native_tap, "SOURCE", broken)
+    if native_tap.compiler() is None:
+        pytest.skip("no C compiler")
+    with pytest.raises(native_tap.NativeUnavailable, match="failed"):
+        native_tap.library()
+    assert not fresh_native.exists() or not any(fresh_native.iterdir())  # nothing half-written kept

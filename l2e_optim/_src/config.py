@@ -13,13 +13,13 @@ Inhibition = Literal["l2e", "memel", "none"]
 Statistics = Literal["pooled", "per-position"]
 Retrieval = Literal["auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random"]
 LayerChoice = Union[Literal["mid-2", "mid-third", "all"], tuple[int, ...]]
-Kernel = Literal["auto", "eager", "blocked", "triton"]
+Kernel = Literal["auto", "eager", "native", "blocked", "triton"]
 
 _INHIBITIONS = ("l2e", "memel", "none")
 _RETRIEVALS = ("auto", "threshold", "sample-topk", "token-topk", "batch-topk", "random")
 _LAYER_NAMES = ("mid-2", "mid-third", "all")
 _STATISTICS = ("pooled", "per-position")
-_KERNELS = ("auto", "eager", "blocked", "triton")
+_KERNELS = ("auto", "eager", "native", "blocked", "triton")
 
 
 class ConfigError(ValueError):
@@ -71,10 +71,12 @@ class L2EConfig:
         max_positions: per-position only: how many leading positions get their own statistics
             (set it to the training context length); the state is ``max_positions + 1`` rows.
         kernel: which implementation runs the tap's backward (statistics, selection count and
-            L2E gradient). ``"eager"``: plain torch ops, the reference; ``"blocked"``: the same
-            math in token blocks over preallocated buffers (CPU only, no compiler; the CPU
-            fast path); ``"triton"``: one fused Triton kernel (CUDA; needs the ``gpu`` extra).
-            ``"auto"``: Triton on CUDA when installed, blocked on CPU, eager otherwise. The fused
+            L2E gradient). ``"eager"``: plain torch ops, the reference; ``"native"``: one C loop
+            (CPU only; built on first use with the system's C compiler, refused at construction
+            when that fails); ``"blocked"``: the eager math in token blocks over preallocated
+            buffers (CPU only, no compiler); ``"triton"``: one fused Triton kernel (CUDA; needs
+            the ``gpu`` extra). ``"auto"``: Triton on CUDA when installed, on CPU native when it
+            builds and else blocked, eager otherwise. The fused
             kernels implement pooled statistics and the threshold retrieval (every retrieval for
             "memel" and "none", whose tap only gathers statistics); the rest runs eager under
             "auto". Under ``torch.compile`` the eager tap is traced and compiled whatever this
@@ -206,7 +208,7 @@ def _check_kernel(config: L2EConfig) -> None:
         raise ConfigError(
             f"kernel={config.kernel!r} is not one of {_KERNELS}; 'auto' picks the fastest available."
         )
-    if config.kernel in ("blocked", "triton") and not config.fusable:
+    if config.kernel in ("native", "blocked", "triton") and not config.fusable:
         raise ConfigError(
             f"kernel={config.kernel!r} fuses pooled statistics and the threshold retrieval only, "
             f"but this config has statistics={config.statistics!r}, inhibition="

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..config import L2EConfig
 from . import FusedTap
+from . import native_tap
 from .blocked_tap import BlockedTap
 
 
@@ -32,11 +33,19 @@ def triton_interpreted() -> bool:
 
 def check_kernel(config: L2EConfig, device: torch.device) -> None:
     """Refuse, at construction, a ``kernel`` that cannot run on ``device``; the error says why."""
-    if config.kernel == "blocked" and device.type != "cpu":
+    if config.kernel in ("native", "blocked") and device.type != "cpu":
         raise RuntimeError(
-            f"L2EConfig(kernel='blocked') is the CPU path (it reads two scalars on the host) but the "
-            f"model is on {device}; use kernel='auto' (Triton on CUDA when installed, else eager)."
+            f"L2EConfig(kernel={config.kernel!r}) is a CPU path (it reads two scalars on the host) but "
+            f"the model is on {device}; use kernel='auto' (Triton on CUDA when installed, else eager)."
         )
+    if config.kernel == "native":
+        try:
+            native_tap.library()
+        except native_tap.NativeUnavailable as error:
+            raise RuntimeError(
+                f"L2EConfig(kernel='native') needs the C tap, which cannot be built here: {error}. "
+                "Use kernel='auto' (falls back to 'blocked', which needs no compiler)."
+            ) from error
     if config.kernel != "triton":
         return
     if not triton_installed():
@@ -58,10 +67,15 @@ class KernelChooser:
         self.requested = config.kernel
         self.fusable = config.fusable
         self._blocked: BlockedTap | None = None
+        self._native: native_tap.NativeTap | None = None
 
     def choose(self, z: Tensor) -> FusedTap | None:
         """The fused tap for activation ``z``, or ``None`` for the eager tap."""
         name = self.name(z)
+        if name == "native":
+            if self._native is None:
+                self._native = native_tap.NativeTap()
+            return self._native
         if name == "blocked":
             if self._blocked is None:
                 self._blocked = BlockedTap()
@@ -73,24 +87,31 @@ class KernelChooser:
         return None
 
     def name(self, z: Tensor) -> str:
-        """``"eager"``, ``"blocked"`` or ``"triton"``: what :meth:`choose` runs for ``z``."""
+        """``"eager"``, ``"native"``, ``"blocked"`` or ``"triton"``: what :meth:`choose` runs for ``z``."""
         if torch.compiler.is_compiling():  # first: nothing else needs tracing then
-            return pick_kernel(self.requested, fusable=self.fusable, device_type="", compiling=True, triton_ok=False)
+            return pick_kernel(
+                self.requested, fusable=self.fusable, device_type="", compiling=True, triton_ok=False, native_ok=False
+            )
+        device_type = "cuda" if z.is_cuda else z.device.type
         return pick_kernel(
             self.requested,
             fusable=self.fusable and z.numel() > 0,
-            device_type="cuda" if z.is_cuda else z.device.type,
+            device_type=device_type,
             compiling=False,
             triton_ok=triton_installed(),
+            native_ok=device_type == "cpu" and self.requested == "auto" and native_tap.available(),
         )
 
 
-def pick_kernel(requested: str, *, fusable: bool, device_type: str, compiling: bool, triton_ok: bool) -> str:
+def pick_kernel(
+    requested: str, *, fusable: bool, device_type: str, compiling: bool, triton_ok: bool, native_ok: bool
+) -> str:
     """The dispatch table: ``requested`` (``L2EConfig.kernel``) resolved for one call.
 
     Eager when asked, when the configuration is not fusable, and under ``torch.compile`` (the
     eager tap is traced and inductor fuses it); an explicit kernel otherwise (``check_kernel``
-    has vetted it); ``"auto"``: Triton on CUDA when installed, blocked on CPU, else eager.
+    has vetted it); ``"auto"``: Triton on CUDA when installed, on CPU the C tap when it builds
+    (``native_ok``) and else blocked, else eager.
     """
     if requested == "eager" or not fusable or compiling:
         return "eager"
@@ -98,4 +119,6 @@ def pick_kernel(requested: str, *, fusable: bool, device_type: str, compiling: b
         return requested
     if device_type == "cuda":
         return "triton" if triton_ok else "eager"
-    return "blocked" if device_type == "cpu" else "eager"
+    if device_type == "cpu":
+        return "native" if native_ok else "blocked"
+    return "eager"

@@ -1,0 +1,183 @@
+"""The tap's backward as one C loop (the CPU fast path when a C compiler is present).
+
+``native_tap.c`` does, for one site and micro-batch, what the blocked path does in seven torch
+passes per block, in a single pass over the activation and the incoming gradient (fp32
+arithmetic, no fused multiply-add, so its sums are bit-identical across instruction sets and
+thread counts). It is compiled on first use with the system's C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``; about a second) into a per-user cache (``$L2E_OPTIM_CACHE_DIR``, else
+``$XDG_CACHE_HOME/l2e_optim`` or ``~/.cache/l2e_optim``), keyed by a hash of the source, the
+compiler and its flags, and loaded with :mod:`ctypes` (no Python headers, no torch headers, no
+build tools beyond the compiler). ``L2EConfig(kernel="auto")`` uses it on CPU when it builds and
+falls back to the blocked path when it does not (no compiler: nothing is needed from the user);
+``kernel="native"`` asks for it and fails at construction, with the compiler's message, when it
+cannot be built. fp32 and bf16 activations; other dtypes take the blocked path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import TapResult
+from .blocked_tap import BlockedTap
+
+SOURCE = Path(__file__).with_name("native_tap.c")
+#: Portable flags (the loop is cloned per x86 instruction set in the source, chosen at load
+#: time), IEEE arithmetic kept: no ``-ffast-math``, no contraction into fused multiply-adds.
+FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+#: Values per thread below which extra threads cost more than they save.
+MIN_VALUES_PER_THREAD = 1 << 16
+
+_log = logging.getLogger("l2e_optim")
+
+
+class NativeUnavailable(RuntimeError):
+    """The C tap could not be built or loaded here; the message says why."""
+
+
+def compiler() -> str | None:
+    """The C compiler used: ``$CC`` when set, else the first of cc, gcc, clang on ``PATH``."""
+    if os.environ.get("CC"):
+        return os.environ["CC"].split()[0]
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (see the module docstring)."""
+    if os.environ.get("L2E_OPTIM_CACHE_DIR"):
+        return Path(os.environ["L2E_OPTIM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "l2e_optim"
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL:
+    """The loaded C tap, built first if this source has not been built here; cached per process.
+
+    Raises :class:`NativeUnavailable` (with the reason) when it cannot be had: no compiler,
+    a failed build, a library that does not load. Builds are atomic (compiled to a private file,
+    then renamed), so processes starting together (DDP ranks) never load a half-written file.
+    """
+    if os.name == "nt":
+        raise NativeUnavailable("the C tap is built with a Unix C compiler; not on Windows")
+    cc = compiler()
+    if cc is None:
+        raise NativeUnavailable("no C compiler found (set $CC, or install cc/gcc/clang)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), sys.platform.encode()]))
+    name = f"native_tap_{key.hexdigest()[:16]}.so"
+    path = cache_dir() / name
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = path.parent
+        except OSError:  # an unwritable cache: build for this process only
+            folder = Path(tempfile.mkdtemp(prefix="l2e_optim_"))
+            path = folder / name
+        _build(cc, folder, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise NativeUnavailable(f"the built C tap {path} does not load: {error}") from error
+    fn = lib.l2e_tap
+    fn.restype = ctypes.c_int
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    fn.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, f32, f32, ctypes.c_int]
+    return lib
+
+
+def _build(cc: str, folder: Path, path: Path) -> None:
+    descriptor, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(descriptor)
+    command = [cc, *FLAGS, "-o", scratch, str(SOURCE)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        os.unlink(scratch)
+        raise NativeUnavailable(f"{' '.join(command)} failed: {error}") from error
+    if done.returncode != 0:
+        os.unlink(scratch)
+        raise NativeUnavailable(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    os.replace(scratch, path)
+    _log.info("l2e_optim: built the C tap %s", path)
+
+
+@lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the C tap can be used in this process (builds it on the first call)."""
+    try:
+        library()
+    except NativeUnavailable as error:
+        _log.info("l2e_optim: the C tap is unavailable (%s); the blocked tap is used on CPU", error)
+        return False
+    return True
+
+
+class NativeTap(BlockedTap):
+    """A :data:`~l2e_optim._src.kernels.FusedTap` running ``native_tap.c`` (CPU tensors).
+
+    Owns its output buffers like :class:`BlockedTap` (whose ``_output`` it reuses) and hands
+    a dtype the C loop does not take (fp16, fp64) to it.
+    """
+
+    def __call__(
+        self,
+        z: Tensor,
+        grad: Tensor | None,
+        valid: Tensor | None,
+        mean: Tensor,
+        bar: Tensor,
+        scale: Tensor,
+        log_eps: float,
+    ) -> TapResult:
+        code = _DTYPES.get(z.dtype)
+        if code is None or (grad is not None and grad.dtype != z.dtype):
+            return super().__call__(z, grad, valid, mean, bar, scale, log_eps)
+        tokens, n = z.shape
+        factor = float(scale)  # sync-ok: a CPU tensor (the C tap runs on CPU only)
+        out = None if grad is None or factor == 0.0 else self._output(grad)
+        z = z.contiguous()
+        g = None if out is None or grad is None else grad.contiguous()
+        weights = None if valid is None else valid.to(torch.float32).contiguous()
+        mean, bar = mean.to(torch.float32).contiguous(), bar.to(torch.float32).contiguous()
+        sums = torch.zeros(3 * n, dtype=torch.float32)  # s1 | s2 | per-neuron selected counts
+        threads = max(1, min(torch.get_num_threads(), z.numel() // MIN_VALUES_PER_THREAD))
+        status = library().l2e_tap(
+            code,
+            z.data_ptr(),
+            None if g is None else g.data_ptr(),
+            None if out is None else out.data_ptr(),
+            None if weights is None else weights.data_ptr(),
+            mean.data_ptr(),
+            bar.data_ptr(),
+            sums.data_ptr(),
+            tokens,
+            n,
+            factor,
+            log_eps,
+            threads,
+        )
+        if status != 0:  # unreachable: the dtype is checked above
+            raise RuntimeError(f"the C tap refused dtype code {code}")
+        counts, finite = sums[2 * n :], torch.isfinite(sums[n : 2 * n]).all()
+        # Per-neuron counts are exact integers in fp32 (< 2^24 tokens); their total may not be.
+        selected = counts.to(torch.int64).sum()
+        if out is not None and grad is not None and not bool(finite):  # sync-ok: CPU
+            out.copy_(grad)  # a skipped micro-batch: exactly the incoming gradient
+        return TapResult(grad if out is None else out, sums[: 2 * n], selected, finite)

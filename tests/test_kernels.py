@@ -310,14 +310,16 @@ def test_pick_kernel_table() -> None:
 @pytest.mark.parametrize("inhibition", ["l2e", "memel", "none"])
 def test_chooser_runs_eager_where_the_gradient_needs_a_ranking(retrieval: str, inhibition: str) -> None:
     config = L2EConfig(inhibition=inhibition, retrieval=retrieval)  # type: ignore[arg-type]
-    chooser = dispatch.KernelChooser(config)
+    chooser = dispatch.KernelChooser(config, torch.device("cpu"))
     z = torch.ones(4, 8)
     ranked = inhibition == "l2e" and retrieval != "threshold"
     cpu_kernel = "native" if native_tap.available() else "blocked"
     assert chooser.name(z) == ("eager" if ranked else cpu_kernel)
+    assert chooser.name(z.half()) == ("eager" if ranked else "blocked")  # fp16: not the C loop's
+    assert dispatch.KernelChooser(config).name(z) == ("eager" if ranked else "blocked")  # no device: no C tap
     assert (chooser.choose(z) is None) == ranked
     assert chooser.name(torch.ones(0, 8)) == "eager"
-    assert dispatch.KernelChooser(L2EConfig(kernel="eager")).choose(z) is None
+    assert dispatch.KernelChooser(L2EConfig(kernel="eager"), torch.device("cpu")).choose(z) is None
     if ranked:
         for kernel in ("native", "blocked", "triton"):
             with pytest.raises(ConfigError, match=f"kernel='{kernel}' fuses pooled statistics and the threshold retrieval only"):
@@ -326,7 +328,7 @@ def test_chooser_runs_eager_where_the_gradient_needs_a_ranking(retrieval: str, i
 
 def test_per_position_statistics_run_eager(interpret: None, corpus: Tensor) -> None:
     config = L2EConfig(statistics="per-position", max_positions=8)
-    assert dispatch.KernelChooser(config).name(torch.ones(4, 8)) == "eager"
+    assert dispatch.KernelChooser(config, torch.device("cpu")).name(torch.ones(4, 8)) == "eager"
     for kernel in ("native", "blocked", "triton"):
         with pytest.raises(ConfigError, match="statistics='per-position'"):
             L2EConfig(statistics="per-position", kernel=kernel)  # type: ignore[arg-type]
@@ -520,7 +522,7 @@ def test_without_a_compiler_auto_falls_back_and_native_is_refused(
 ) -> None:
     monkeypatch.setenv("CC", str(fresh_native / "no-such-cc"))
     assert not native_tap.available()
-    assert dispatch.KernelChooser(L2EConfig()).name(torch.ones(4, 8)) == "blocked"
+    assert dispatch.KernelChooser(L2EConfig(), torch.device("cpu")).name(torch.ones(4, 8)) == "blocked"
     model = PlainLM(layers=2)
     with pytest.raises(RuntimeError, match=r"kernel='native'. needs the C tap, which cannot be built here: .*no-such-cc"):
         L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.1), model, config=L2EConfig(kernel="native"))

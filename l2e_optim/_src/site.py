@@ -116,7 +116,7 @@ class SiteRuntime:
         self.paused = False
         self.token_mask: Tensor | None = None
         self.grad_scaler: torch.amp.GradScaler | None = None
-        self.kernels = KernelChooser(config)
+        self.kernels = KernelChooser(config, step.device)
         # The config is frozen, so the tap's static options are built once, not on every forward.
         coef = config.strength / config.grad_accumulation_steps if config.inhibition == "l2e" else 0.0
         self.tap_options = (

@@ -63,9 +63,17 @@ def check_kernel(config: L2EConfig, device: torch.device) -> None:
 class KernelChooser:
     """Picks a site's tap implementation for one activation; one per wrapper (it owns buffers)."""
 
-    def __init__(self, config: L2EConfig) -> None:
+    def __init__(self, config: L2EConfig, device: torch.device | None = None) -> None:
         self.requested = config.kernel
         self.fusable = config.fusable
+        # Built (or found unbuildable) here, at the wrapper's construction, once.
+        self.native_ok = (
+            device is not None
+            and device.type == "cpu"
+            and config.kernel in ("auto", "native")
+            and config.fusable
+            and native_tap.available()
+        )
         self._blocked: BlockedTap | None = None
         self._native: native_tap.NativeTap | None = None
 
@@ -92,14 +100,13 @@ class KernelChooser:
             return pick_kernel(
                 self.requested, fusable=self.fusable, device_type="", compiling=True, triton_ok=False, native_ok=False
             )
-        device_type = "cuda" if z.is_cuda else z.device.type
         return pick_kernel(
             self.requested,
             fusable=self.fusable and z.numel() > 0,
-            device_type=device_type,
+            device_type="cuda" if z.is_cuda else z.device.type,
             compiling=False,
             triton_ok=triton_installed(),
-            native_ok=device_type == "cpu" and self.requested == "auto" and native_tap.available(),
+            native_ok=self.native_ok and z.dtype in native_tap.DTYPES,
         )
 
 
@@ -109,9 +116,11 @@ def pick_kernel(
     """The dispatch table: ``requested`` (``L2EConfig.kernel``) resolved for one call.
 
     Eager when asked, when the configuration is not fusable, and under ``torch.compile`` (the
-    eager tap is traced and inductor fuses it); an explicit kernel otherwise (``check_kernel``
-    has vetted it); ``"auto"``: Triton on CUDA when installed, on CPU the C tap when it builds
-    (``native_ok``) and else blocked, else eager.
+    eager tap is traced and Inductor fuses it with the layer's own backward: on CPU that beat the
+    C tap called as an opaque operator, 1.007x against 1.021x a compiled AdamW step at
+    Pythia-70M widths, all layers, in one paired run); an explicit kernel otherwise
+    (``check_kernel`` has vetted it); ``"auto"``: Triton on CUDA when installed, on CPU the C tap
+    when it builds (``native_ok``) and else blocked, else eager.
     """
     if requested == "eager" or not fusable or compiling:
         return "eager"

@@ -36,7 +36,8 @@ SOURCE = Path(__file__).with_name("native_tap.c")
 #: Portable flags (the loop is cloned per x86 instruction set in the source, chosen at load
 #: time), IEEE arithmetic kept: no ``-ffast-math``, no contraction into fused multiply-adds.
 FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+#: The activation dtypes the C loop takes, with its codes for them.
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #: Values per thread below which extra threads cost more than they save.
 MIN_VALUES_PER_THREAD = 1 << 16
 
@@ -146,9 +147,20 @@ class NativeTap(BlockedTap):
         scale: Tensor,
         log_eps: float,
     ) -> TapResult:
-        code = _DTYPES.get(z.dtype)
-        if code is None or (grad is not None and grad.dtype != z.dtype):
+        if z.dtype not in DTYPES or (grad is not None and grad.dtype != z.dtype):
             return super().__call__(z, grad, valid, mean, bar, scale, log_eps)
+        out, sums = self.run(z, grad, valid, mean, bar, scale, log_eps)
+        n = z.shape[1]
+        # Per-neuron counts are exact integers in fp32 (< 2^24 tokens); their total may not be.
+        selected = sums[2 * n :].to(torch.int64).sum()
+        return TapResult(grad if out is None else out, sums[: 2 * n], selected, torch.isfinite(sums[n : 2 * n]).all())
+
+    def run(
+        self, z: Tensor, grad: Tensor | None, valid: Tensor | None, mean: Tensor, bar: Tensor, scale: Tensor,
+        log_eps: float,
+    ) -> tuple[Tensor | None, Tensor]:
+        """The C loop on fp32 or bf16 ``z``: the outgoing gradient (None when none is due: no
+        ``grad`` or a zero ``scale``) and the ``[3N]`` sums, s1 | s2 | per-neuron counts."""
         tokens, n = z.shape
         factor = float(scale)  # sync-ok: a CPU tensor (the C tap runs on CPU only)
         out = None if grad is None or factor == 0.0 else self._output(grad)
@@ -156,10 +168,10 @@ class NativeTap(BlockedTap):
         g = None if out is None or grad is None else grad.contiguous()
         weights = None if valid is None else valid.to(torch.float32).contiguous()
         mean, bar = mean.to(torch.float32).contiguous(), bar.to(torch.float32).contiguous()
-        sums = torch.zeros(3 * n, dtype=torch.float32)  # s1 | s2 | per-neuron selected counts
+        sums = torch.zeros(3 * n, dtype=torch.float32)
         threads = max(1, min(torch.get_num_threads(), z.numel() // MIN_VALUES_PER_THREAD))
         status = library().l2e_tap(
-            code,
+            DTYPES[z.dtype],
             z.data_ptr(),
             None if g is None else g.data_ptr(),
             None if out is None else out.data_ptr(),
@@ -173,11 +185,8 @@ class NativeTap(BlockedTap):
             log_eps,
             threads,
         )
-        if status != 0:  # unreachable: the dtype is checked above
-            raise RuntimeError(f"the C tap refused dtype code {code}")
-        counts, finite = sums[2 * n :], torch.isfinite(sums[n : 2 * n]).all()
-        # Per-neuron counts are exact integers in fp32 (< 2^24 tokens); their total may not be.
-        selected = counts.to(torch.int64).sum()
-        if out is not None and grad is not None and not bool(finite):  # sync-ok: CPU
-            out.copy_(grad)  # a skipped micro-batch: exactly the incoming gradient
-        return TapResult(grad if out is None else out, sums[: 2 * n], selected, finite)
+        if status != 0:  # unreachable: callers pass the dtypes of DTYPES
+            raise RuntimeError(f"the C tap refused {z.dtype}")
+        if out is not None and g is not None and not bool(torch.isfinite(sums[n : 2 * n]).all()):  # sync-ok: CPU
+            out.copy_(g)  # a skipped micro-batch: exactly the incoming gradient
+        return out, sums

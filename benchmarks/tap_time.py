@@ -1,12 +1,14 @@
-"""CPU time of one site's tap backward, eager against the blocked fused path, paired.
+"""CPU time of one site's tap backward: eager, the blocked path and the C tap, paired.
 
     python -m benchmarks.tap_time [--smoke] [--tokens T] [--neurons N] [--rounds R]
 
 One ``[tokens, N]`` fp32 activation (default ``[512, 2048]``: one Pythia-70M site at 4 x 128
-tokens) with statistics present and a live L2E gradient; each round runs both implementations'
-backward once, in rotating order; the ratio is the median of the per-round ratios. Correctness
-first: the L2E gradient is live, the blocked gradient equals the eager one to fp32 rounding (it
-rounds once), and the sums agree to fp32 rounding.
+tokens) with statistics present and a live L2E gradient; each round runs every implementation's
+backward once, in rotating order; a ratio is the median of the per-round ratios. The C tap is
+timed when it builds here (a C compiler; ``native: null`` otherwise). Correctness first: the L2E
+gradient is live, each fused gradient equals the eager one to fp32 rounding (they round once),
+and the sums agree to fp32 rounding. The activation and gradient stay in the cache between
+rounds, so these are the taps' costs warm; inside a training step they arrive colder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from l2e_optim._src.kernels import native_tap
 from l2e_optim._src.kernels.blocked_tap import BlockedTap
 from l2e_optim._src.tap import _Tap
 
@@ -46,22 +49,28 @@ def incoming(tokens: int, neurons: int) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    eager, eager_acc = backward_of(None, args.tokens, args.neurons)
-    blocked, blocked_acc = backward_of(BlockedTap(), args.tokens, args.neurons)
-    want, got = eager(), blocked()
+    taps: dict[str, BlockedTap | None] = {"eager": None, "blocked": BlockedTap()}
+    if native_tap.available():
+        taps["native"] = native_tap.NativeTap()
+    calls, accs = {}, {}
+    for name, fused in taps.items():
+        calls[name], accs[name] = backward_of(fused, args.tokens, args.neurons)
+    want = calls["eager"]()
     penalty = (want - incoming(args.tokens, args.neurons)).abs().max()
     assert penalty > 1e-7, "the L2E gradient is not live: nothing would be timed"
-    # Rounded once in fp32 (eager rounds d / (d^2 + delta) first): equal to fp32 rounding.
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
-    torch.testing.assert_close(blocked_acc, eager_acc, rtol=1e-5, atol=1e-3)
-    _, cpu = _common.paired_times({"eager": eager, "blocked": blocked}, rounds=args.rounds, warmup=2)
-    ratio = _common.paired_ratio(cpu["blocked"], cpu["eager"])
-    rows = [[name, _common.median(cpu[name]) * 1e3] for name in ("eager", "blocked")]
+    for name in taps.keys() - {"eager"}:
+        # Rounded once in fp32 (eager rounds d / (d^2 + delta) first): equal to fp32 rounding.
+        torch.testing.assert_close(calls[name](), want, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(accs[name], accs["eager"], rtol=1e-5, atol=1e-3)
+    _, cpu = _common.paired_times(calls, rounds=args.rounds, warmup=2)
+    ms = {name: _common.median(cpu[name]) * 1e3 for name in taps}
+    ratios = {name: _common.paired_ratio(cpu[name], cpu["eager"]) for name in taps}
     print(f"tap_time: [{args.tokens}, {args.neurons}] fp32, {args.rounds} rounds, "
-          f"loadavg={_common.machine()['loadavg']}; blocked / eager = {ratio:.3f}")
-    print(_common.table(["tap", "median CPU ms"], rows))
+          f"loadavg={_common.machine()['loadavg']}; C tap {'built' if 'native' in taps else 'unavailable'}")
+    print(_common.table(["tap", "median CPU ms", "ratio to eager"], [[n, ms[n], ratios[n]] for n in taps]))
     return {"tokens": args.tokens, "neurons": args.neurons, "rounds": args.rounds, "smoke": args.smoke,
-            "eager_ms": rows[0][1], "blocked_ms": rows[1][1], "blocked_over_eager": ratio,
+            "eager_ms": ms["eager"], "blocked_ms": ms["blocked"], "native_ms": ms.get("native"),
+            "blocked_over_eager": ratios["blocked"], "native_over_eager": ratios.get("native"),
             "checks": {"gradient_close": True, "penalty_live": True, "sums_close": True}}
 
 

@@ -128,6 +128,10 @@ def test_tap_time(capsys: pytest.CaptureFixture[str]) -> None:
 
     result = _run(tap_time.main, capsys)
     _finite(result["eager_ms"], result["blocked_ms"], result["blocked_over_eager"])
+    if native_tap.available():
+        _finite(result["native_ms"], result["native_over_eager"])
+    else:
+        assert result["native_ms"] is None
 
 
 def test_traced_tap(capsys: pytest.CaptureFixture[str]) -> None:

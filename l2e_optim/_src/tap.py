@@ -5,7 +5,8 @@ hook (``site.py``) places on the activation. For one micro-batch its backward ad
 sums, the token count and the selected count into the site's step accumulator (skipping a
 micro-batch with a NaN/inf among its real tokens) and adds ``strength * dL_MS/dz`` to the incoming
 gradient. The eager backward below is the reference; a fused kernel (``kernels/``, chosen per
-call by ``kernels.dispatch``) does the pooled, threshold case in one pass over the activation.
+call by ``kernels.dispatch``) does the pooled, threshold case in one pass over the activation;
+the C tap does the whole backward, bar and accumulation included, in one call.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 from .accumulator import accumulate, pending
 from .inhibition import half_log_ms_grad_
 from .kernels import FusedTap
+from .kernels.native_tap import DTYPES, NativeTap
 from .position import as_sequences, position_sums
 from .selection import TokenStatistics, retrieve, sample_count, token_statistics
 from .statistics import deviations, shifted_sums
@@ -47,6 +49,9 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
         z, valid = ctx.saved_tensors
+        if isinstance(ctx.fused, NativeTap) and z.dtype in DTYPES and grad.dtype == z.dtype:
+            out = ctx.fused.site_backward(z, grad, valid, ctx.site, ctx.options, ctx.loss_scale)
+            return out, None, None, None, None, None
         if ctx.fused is not None:
             return _fused_backward(ctx, z, valid, grad), None, None, None, None, None
         mean, var, tau, count, step, acc = ctx.site
@@ -87,7 +92,8 @@ class _Tap(torch.autograd.Function):
         scale = _penalty_scale(coef, tokens.sum(), finite & (step >= warmup), ctx.loss_scale)
         if traced:
             return _traced_penalty(grad, d, dsq, selected, scale, finite, log_eps), None, None, None, None, None
-        extra = half_log_ms_grad_(d, dsq, selected, log_eps).reshape(grad.shape).to(grad.dtype)
+        # A skipped micro-batch's scale is 0, but 0 * (inf / inf) is NaN: its selection goes too.
+        extra = half_log_ms_grad_(d, dsq, selected & finite, log_eps).reshape(grad.shape).to(grad.dtype)
         return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None, None
 
 
@@ -137,7 +143,7 @@ def _traced_penalty(
     14.0 ms over GELU's compiled forward and backward, this one 5.5 ms (``benchmarks.traced_tap``;
     docs/benchmarks.md). ``d * 0``
     is NaN for a NaN ``d``, so a skipped micro-batch (``finite`` false) returns ``grad`` exactly
-    by a ``where`` on the 0-dim flag (and an inf value gives no NaN, unlike eager).
+    by a ``where`` on the 0-dim flag (an inf value's ``d * 0`` is NaN too).
     """
     extra = d * selected.to(torch.float32) / (dsq + log_eps)
     penalized = (grad.float() + scale * extra.reshape(grad.shape)).to(grad.dtype)

@@ -1,7 +1,8 @@
 """Fused implementations of the tap's backward, beside the eager one in ``site.py`` they replace.
 
-One module per kernel (``blocked_tap``: token blocks of torch ops, CPU; ``triton_tap``: one
-Triton kernel, CUDA), chosen in one place (``dispatch``). Every kernel has the signature
+One module per kernel (``native_tap``: one C loop built with the system's C compiler, CPU;
+``blocked_tap``: token blocks of torch ops, CPU without a compiler; ``triton_tap``: one Triton
+kernel, CUDA), chosen in one place (``dispatch``). Every kernel has the signature
 :data:`FusedTap` and returns a :class:`TapResult`; the eager tap is the reference in the tests.
 Nothing here imports triton at import time: ``import l2e_optim`` works without it.
 """

@@ -1,4 +1,4 @@
-"""The tap's backward in token blocks of torch ops over preallocated buffers (the CPU fast path).
+"""The tap's backward in token blocks of torch ops over preallocated buffers (CPU, no compiler).
 
 No compiler: plain torch ops, arranged so one block's ``[rows, N]`` working set stays in a core's
 L2 cache and nothing is allocated per call (the outgoing gradient reuses its storage while it is

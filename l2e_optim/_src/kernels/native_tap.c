@@ -13,6 +13,8 @@
  * every thread count and every instruction set the loop is cloned for (target_clones).
  * A NaN/inf reaches s2; the caller reads it there and discards the micro-batch.
  */
+#include <float.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -105,24 +107,20 @@ static void *l2e_run(void *arg) {
     return 0;
 }
 
-/* Returns 0, or -1 for an unknown dtype. threads > 1 splits the neurons into stripes of
- * multiples of 16 columns, one per thread (the calling thread takes the first). */
-int l2e_tap(int dtype, const void *z, const void *grad, void *out, const float *valid, const float *mean,
-            const float *bar, float *sums, int64_t tokens, int64_t n, float factor, float log_eps, int threads) {
+static void l2e_stripes(l2e_job job, int threads) {
     enum { MAX_THREADS = 64 };
     l2e_job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS];
-    if (dtype != L2E_FLOAT32 && dtype != L2E_BFLOAT16) return -1;
+    const int64_t n = job.n;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > (n + 15) / 16) threads = (int)((n + 15) / 16);
     if (threads < 1) threads = 1;
     const int64_t stripe = ((n + threads - 1) / threads + 15) / 16 * 16;
     for (int i = 0; i < threads; ++i) {
-        l2e_job job = {dtype, z, grad, out, valid, mean, bar, sums, tokens, n, 0, 0, factor, log_eps};
-        job.col0 = i * stripe < n ? i * stripe : n;
-        job.col1 = (i + 1) * stripe < n ? (i + 1) * stripe : n;
         jobs[i] = job;
+        jobs[i].col0 = i * stripe < n ? i * stripe : n;
+        jobs[i].col1 = (i + 1) * stripe < n ? (i + 1) * stripe : n;
         started[i] = 0;
     }
     for (int i = 1; i < threads; ++i) started[i] = pthread_create(&ids[i], 0, l2e_run, &jobs[i]) == 0;
@@ -133,5 +131,65 @@ int l2e_tap(int dtype, const void *z, const void *grad, void *out, const float *
         else
             l2e_run(&jobs[i]); /* no thread to be had: this one does the stripe */
     }
+}
+
+/* The loop alone (the FusedTap signature): bar and factor given, sums [3N] added to.
+ * Returns 0, or -1 for an unknown dtype. threads > 1 splits the neurons into stripes of
+ * multiples of 16 columns, one per thread (the calling thread takes the first). */
+int l2e_tap(int dtype, const void *z, const void *grad, void *out, const float *valid, const float *mean,
+            const float *bar, float *sums, int64_t tokens, int64_t n, float factor, float log_eps, int threads) {
+    if (dtype != L2E_FLOAT32 && dtype != L2E_BFLOAT16) return -1;
+    l2e_job job = {dtype, z, grad, out, valid, mean, bar, sums, tokens, n, 0, n, factor, log_eps};
+    l2e_stripes(job, threads);
+    return 0;
+}
+
+/* One site's whole backward for one micro-batch (pooled statistics, threshold retrieval), as
+ * tap.py's eager and fused paths compute it, in the same fp32 operations:
+ *
+ *     bar = (seen ? tau : inf) * max(var + eps * var_mean, FLT_MIN)     (var_mean: torch's)
+ *     tokens = sum(valid) or the row count;  factor = (1 / max(tokens, 1)) * coef2 * loss_scale
+ *     the loop above into sums [3N] (zeroed here)
+ *     finite = every s2 finite: acc += (s1, s2, tokens, selected count), else acc.nonfinite += 1
+ *
+ * acc: the site's accumulator [s1 (N) | s2 (N) | tokens | selected | nonfinite]; bar [N] and
+ * sums [3N]: scratch. out (NULL: no penalty is due) receives the outgoing gradient, exactly the
+ * incoming one for a non-finite micro-batch. Returns 0, or -1 for an unknown dtype. */
+int l2e_site_tap(int dtype, const void *z, const void *grad, void *out, const float *valid, const float *mean,
+                 const float *var, float var_mean, int seen, float tau, float eps, float *acc, float *bar,
+                 float *sums, int64_t tokens, int64_t n, float coef2, float loss_scale, float log_eps,
+                 int threads) {
+    if (dtype != L2E_FLOAT32 && dtype != L2E_BFLOAT16) return -1;
+    const float compensation = eps * var_mean;
+    const float gate = seen ? tau : INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+        float denom = var[j] + compensation;
+        if (denom < FLT_MIN) denom = FLT_MIN; /* clamp_min: a NaN stays NaN */
+        bar[j] = gate * denom;
+    }
+    float rows = 0.0f;
+    if (valid) {
+        for (int64_t t = 0; t < tokens; ++t) rows += valid[t];
+    } else {
+        rows = (float)tokens;
+    }
+    const float factor = (1.0f / (rows > 1.0f ? rows : 1.0f)) * coef2 * loss_scale;
+    memset(sums, 0, (size_t)(3 * n) * sizeof(float));
+    l2e_job job = {dtype, z, out ? grad : 0, out, valid, mean, bar, sums, tokens, n, 0, n, factor, log_eps};
+    l2e_stripes(job, threads);
+    int finite = 1;
+    int64_t selected = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        finite &= isfinite(sums[n + j]) != 0;
+        selected += (int64_t)sums[2 * n + j];
+    }
+    if (!finite) {
+        acc[2 * n + 2] += 1.0f;
+        if (out) memcpy(out, grad, (size_t)(tokens * n) * (dtype == L2E_BFLOAT16 ? 2 : 4));
+        return 0;
+    }
+    for (int64_t j = 0; j < 2 * n; ++j) acc[j] += sums[j];
+    acc[2 * n] += rows;
+    acc[2 * n + 1] += (float)selected;
     return 0;
 }

@@ -11,7 +11,7 @@ the C tap does the whole backward, bar and accumulation included, in one call.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
@@ -39,16 +39,22 @@ class _Tap(torch.autograd.Function):
         loss_scale: Tensor | None = None,
         fused: FusedTap | None = None,
     ) -> Tensor:
-        ctx.save_for_backward(z, valid)
         ctx.site = site
         ctx.options = options
         ctx.loss_scale = loss_scale
         ctx.fused = fused
+        if fused is None and _traced():
+            # Compiled: the sums in the forward, where Inductor fuses them into the kernel that
+            # produces z, and saved for the backward to add (once, also under checkpointing),
+            # which then makes only the penalty's pass (fused with the layer's own backward).
+            ctx.save_for_backward(z, valid, *_batch_sums(_observed(z, valid, site, options[0], True)))
+        else:
+            ctx.save_for_backward(z, valid)
         return z.view_as(z)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
-        z, valid = ctx.saved_tensors
+        z, valid, *early = ctx.saved_tensors
         if isinstance(ctx.fused, NativeTap) and z.dtype in DTYPES and grad.dtype == z.dtype:
             out = ctx.fused.site_backward(z, grad, valid, ctx.site, ctx.options, ctx.loss_scale)
             return out, None, None, None, None, None
@@ -56,31 +62,11 @@ class _Tap(torch.autograd.Function):
             return _fused_backward(ctx, z, valid, grad), None, None, None, None, None
         mean, var, tau, count, step, acc = ctx.site
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
-        z3 = as_sequences(z)  # [sequences, positions, N]
-        stats = token_statistics(mean, var, count, eps, z3.shape[1])
-        valid3 = None if valid is None else valid.view(z3.shape[:2])  # [sequences, positions]
-        # Shift K = running mean: identical on every rank, keeps the sums small.
-        d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
-        dsq = d * d
-        bar = _threshold_bar(stats, tau)
-        over = dsq >= bar  # what the moving threshold counts, whatever inhibits
-        if valid3 is not None:
-            over &= valid3[..., None] > 0
-        traced = _traced()
-        if traced:
-            # One fp32 0/1 tensor for the count and the penalty: Inductor's CPU code stores and
-            # applies a bool mask far slower than it multiplies (see _traced_penalty).
-            over = over.to(torch.float32)
-        n = z3.shape[-1]
-        if mean.ndim == 1:
-            s1, s2 = shifted_sums(d.view(-1, n), dsq.view(-1, n), valid)
-            tokens = _token_count(valid, d.view(-1, n))
-        else:
-            s1, s2, tokens = position_sums(d, dsq, valid3, mean.shape[0])
-        # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
-        # A device bool, so skipping the micro-batch costs no host sync.
-        finite = torch.isfinite(s2).all()
-        hits = _selected_count(over.view(-1, n))
+        traced = bool(early) or _traced()
+        seen = _observed(z, valid, ctx.site, eps, traced)
+        d, dsq, over, stats = seen.d, seen.dsq, seen.over, seen.stats
+        s1, s2, tokens, hits, finite = early if early else _batch_sums(seen)
+        n = z.shape[-1]
         accumulate(pending(acc, n, None if mean.ndim == 1 else mean.shape[0]), s1, s2, tokens, hits, finite)
         if coef == 0.0:
             return grad, None, None, None, None, None
@@ -88,13 +74,58 @@ class _Tap(torch.autograd.Function):
         if retrieval != "threshold":
             scores = (dsq / stats.denom).view(-1, n)
             picked = retrieve(scores, retrieval, tau, ratio, topk, sample_count(z.shape), valid)
-            selected = picked.view(z3.shape) & stats.seen
+            selected = picked.view(d.shape) & stats.seen
         scale = _penalty_scale(coef, tokens.sum(), finite & (step >= warmup), ctx.loss_scale)
         if traced:
             return _traced_penalty(grad, d, dsq, selected, scale, finite, log_eps), None, None, None, None, None
         # A skipped micro-batch's scale is 0, but 0 * (inf / inf) is NaN: its selection goes too.
         extra = half_log_ms_grad_(d, dsq, selected & finite, log_eps).reshape(grad.shape).to(grad.dtype)
         return torch.addcmul(grad, extra, scale.to(grad.dtype)), None, None, None, None, None
+
+
+class _Observed(NamedTuple):
+    """One micro-batch against a site's statistics (``[sequences, positions, N]`` tensors)."""
+
+    d: Tensor  #: fp32 ``z - mean``, padding zeroed
+    dsq: Tensor  #: ``d * d``
+    over: Tensor  #: at or above the threshold (padding excluded): bool, or fp32 0/1 when traced
+    stats: TokenStatistics
+    valid: Tensor | None  #: ``[sequences, positions]`` padding weights
+    rows: int | None  #: per-position statistic rows; None when pooled
+
+
+def _observed(z: Tensor, valid: Tensor | None, site: tuple[Tensor, ...], eps: float, traced: bool) -> _Observed:
+    mean, var, tau, count = site[:4]
+    z3 = as_sequences(z)  # [sequences, positions, N]
+    stats = token_statistics(mean, var, count, eps, z3.shape[1])
+    valid3 = None if valid is None else valid.view(z3.shape[:2])  # [sequences, positions]
+    # Shift K = running mean: identical on every rank, keeps the sums small.
+    d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
+    dsq = d * d
+    over = dsq >= _threshold_bar(stats, tau)  # what the moving threshold counts, whatever inhibits
+    if valid3 is not None:
+        over &= valid3[..., None] > 0
+    if traced:
+        # One fp32 0/1 tensor for the count and the penalty: Inductor's CPU code stores and
+        # applies a bool mask far slower than it multiplies (see _traced_penalty).
+        over = over.to(torch.float32)
+    return _Observed(d, dsq, over, stats, valid3, None if mean.ndim == 1 else mean.shape[0])
+
+
+def _batch_sums(seen: _Observed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(s1, s2, tokens, selected count, finite)`` of one micro-batch, as ``accumulate`` takes them."""
+    d, dsq = seen.d, seen.dsq
+    n = d.shape[-1]
+    if seen.rows is None:
+        valid = None if seen.valid is None else seen.valid.reshape(-1)
+        s1, s2 = shifted_sums(d.view(-1, n), dsq.view(-1, n), valid)
+        tokens = _token_count(valid, d.view(-1, n))
+    else:
+        s1, s2, tokens = position_sums(d, dsq, seen.valid, seen.rows)
+    # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
+    # A device bool, so skipping the micro-batch costs no host sync.
+    finite = torch.isfinite(s2).all()
+    return s1, s2, tokens, _selected_count(seen.over.view(-1, n)), finite
 
 
 def _fused_backward(ctx: Any, z: Tensor, valid: Tensor | None, grad: Tensor) -> Tensor:

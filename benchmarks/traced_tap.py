@@ -5,10 +5,12 @@
 Three compiled functions of one ``[tokens, N]`` fp32 pre-activation ``x`` (default ``[512,
 2048]``: one Pythia-70M site at 4 x 128 tokens), each run forward and backward per round, paired
 and interleaved: GELU alone (the baseline: the work the tap is fused into), GELU followed by the
-library's tap (``_Tap``; Dynamo inlines it and Inductor fuses its backward with GELU's) in its
-traced form (``tap._traced_penalty``: the selection as an fp32 factor), and the same tap with
-its eager form traced instead (a bool selection applied by ``masked_fill``: what the library
-traced before; ``tap._traced`` patched to False while that function runs). Correctness first:
+library's tap (``_Tap``; Dynamo inlines it, Inductor fuses it with GELU) in its traced form
+(the sums in the forward, where they fuse into the kernel that produces z; in the backward only
+the penalty, the selection as an fp32 factor: ``tap._traced_penalty``), and the same tap with
+its eager form traced instead (everything in the backward, a bool selection applied by
+``masked_fill``: what the library traced first; ``tap._traced`` patched to False while that
+function runs). Correctness first:
 both give the same outgoing gradient and the same step sums, and the penalty is live.
 """
 

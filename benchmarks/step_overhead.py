@@ -21,8 +21,10 @@ is live) and the sites select values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -49,15 +51,20 @@ def make_optimizer(model: nn.Module, arm: str, seq: int) -> torch.optim.Optimize
     """AdamW, or AdamW wrapped for ``arm`` = "[compiled/]<l2e|memel>/<layers>[/<option>]", the
     option a tap kernel ("blocked", "eager") or "per-position" statistics (one row per position of ``seq``)."""
     base = torch.optim.AdamW(model.parameters(), lr=LR)
+    config = arm_config(arm, seq)
+    return base if config is None else L2EWrapper(base, model, config=config)
+
+
+def arm_config(arm: str, seq: int) -> L2EConfig | None:
+    """The wrapper's config of ``arm`` (see :func:`make_optimizer`); None for plain AdamW."""
     parts = arm.removeprefix("compiled/").split("/")
     if parts == ["adamw"]:
-        return base
+        return None
     method, layers, *options = parts
     kernel: Any = next((o for o in options if o != "per-position"), "auto")
-    config = L2EConfig(inhibition=method, layers=layers, warmup_steps=0,  # type: ignore[arg-type]
-                       statistics="per-position" if "per-position" in options else "pooled",
-                       max_positions=seq, kernel=kernel)
-    return L2EWrapper(base, model, config=config)
+    return L2EConfig(inhibition=method, layers=layers, warmup_steps=0,  # type: ignore[arg-type]
+                     statistics="per-position" if "per-position" in options else "pooled",
+                     max_positions=seq, kernel=kernel)
 
 
 def make_step(
@@ -105,12 +112,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_reduces_to_adamw(shape, batches)
 
     base_model: nn.Module = build_model(shape)
-    rows, arms_out = measure(ARMS, base_model, batches, args.rounds, args.seq)
+    how = measure_shared if args.shared else measure
+    chosen = ARMS if args.arms is None else _chosen_arms(args.arms)
+    rows, arms_out = how(chosen, base_model, batches, args.rounds, args.seq)
     if args.compile:
-        more_rows, more_arms = measure(COMPILED_ARMS, base_model, batches, args.rounds, args.seq)
+        more_rows, more_arms = how(COMPILED_ARMS, base_model, batches, args.rounds, args.seq)
         rows, arms_out = rows + more_rows, {**arms_out, **more_arms}
     print(f"step_overhead: shape={shape} batch={args.batch} seq={args.seq} rounds={args.rounds} "
-          f"threads={args.threads} loadavg={_common.machine()['loadavg']}")
+          f"threads={args.threads} design={'shared' if args.shared else 'copies'} "
+          f"loadavg={_common.machine()['loadavg']}")
     print("ratio = median over rounds of (arm CPU time / AdamW CPU time), paired; wall ratio likewise;")
     print("compiled arms are paired with the compiled AdamW")
     print(_common.table(
@@ -118,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
          "target", "status"], rows))
     return {
         "shape": shape, "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
-        "smoke": args.smoke, "arms": arms_out,
+        "smoke": args.smoke, "design": "shared" if args.shared else "copies", "arms": arms_out,
         "checks": {"strength0_bit_identical": True, "regularizer_changes_params": True,
                    "sites_select": True},
     }
@@ -142,8 +152,76 @@ def measure(
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
         wall, cpu = _common.paired_times(arms, rounds=rounds, warmup=2)
 
+    _check_inhibition_live(models, opts, arm_names[0])
+    return _report(arm_names, opts, wall, cpu, step_times)
+
+
+def measure_shared(
+    arm_names: list[str], base_model: nn.Module, batches: list[torch.Tensor], rounds: int, seq: int
+) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Like :func:`measure`, but every arm steps one model and one AdamW (``--shared``).
+
+    Each L2E/MEmeL arm is a wrapper around that AdamW, paused while another arm steps (a paused
+    wrapper's hooks return at once and gather nothing): the arms differ only by the wrapper's
+    work, not by where their copies of the weights and optimizer state happen to lie in memory
+    (separate copies run up to two points apart with identical code: see docs/benchmarks.md).
+    The weights follow a mixed trajectory, which timing does not mind.
+    """
+    model = copy.deepcopy(base_model)
+    base = torch.optim.AdamW(model.parameters(), lr=LR)
+    wrappers: dict[str, L2EWrapper] = {}
+    with warnings.catch_warnings():  # several wrappers on one model: paused in turn, by design
+        warnings.filterwarnings("ignore", message=".*already hooked by another live L2EWrapper")
+        for arm in arm_names[1:]:
+            config = arm_config(arm, seq)
+            assert config is not None, f"{arm}: only the first arm is plain AdamW"
+            wrappers[arm] = L2EWrapper(base, model, config=config)
+    compiled = arm_names[0].startswith("compiled/")
+    runner = cast(nn.Module, torch.compile(model)) if compiled else model
+    opts: dict[str, torch.optim.Optimizer] = {arm_names[0]: base, **wrappers}
+    step_times: dict[str, list[float]] = {arm: [] for arm in arm_names}
+    arms = {arm: _paused_others(make_step(runner, opts[arm], batches, step_times[arm]), wrappers, arm)
+            for arm in arm_names}
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        wall, cpu = _common.paired_times(arms, rounds=rounds, warmup=2)
+    tokens = batches[0][:, :-1].numel()
+    for arm, opt in wrappers.items():
+        steps = len(step_times[arm])
+        fractions = [float(site.selected_fraction) for site in opt.sites.values()]
+        assert all(f > 0.0 for f in fractions), f"{arm}: a site selected nothing ({fractions})"
+        counts = {int(site.count) for site in opt.sites.values() if site.count.ndim == 0}
+        # Its own steps' tokens and no other arm's: the paused wrappers gathered nothing.
+        assert counts <= {steps * tokens}, f"{arm}: {counts} tokens merged in {steps} steps of {tokens}"
+    return _report(arm_names, opts, wall, cpu, step_times)
+
+
+def _chosen_arms(names: str) -> list[str]:
+    """``--arms``: a comma-separated subset of ARMS; AdamW, the baseline, always comes first."""
+    chosen = [name for name in names.split(",") if name and name != "adamw"]
+    unknown = sorted(set(chosen) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {ARMS}")
+    return ["adamw", *dict.fromkeys(chosen)]
+
+
+def _paused_others(run: Callable[[], float], wrappers: dict[str, L2EWrapper], arm: str) -> Callable[[], float]:
+    """``run`` with every wrapper but ``arm``'s paused."""
+    others = [opt for name, opt in wrappers.items() if name != arm]
+
+    def paused_run() -> float:
+        with contextlib.ExitStack() as stack:
+            for opt in others:
+                stack.enter_context(opt.paused())
+            return run()
+
+    return paused_run
+
+
+def _report(
+    arm_names: list[str], opts: dict[str, torch.optim.Optimizer], wall: dict[str, list[float]],
+    cpu: dict[str, list[float]], step_times: dict[str, list[float]],
+) -> tuple[list[list[Any]], dict[str, Any]]:
     base = arm_names[0]
-    _check_inhibition_live(models, opts, base)
     warm = 2  # the step-time lists include the warm-up calls
     rows, arms_out = [], {}
     for arm in arm_names:
@@ -203,6 +281,10 @@ OPTIONS: dict[str, _common.Default] = {"rounds": (3, 20), "batch": 4, "seq": (32
 
 def _flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) arms")
+    parser.add_argument("--shared", action="store_true",
+                        help="every arm steps one model and one AdamW (wrappers paused in turn)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arms to time (default: all); AdamW is always timed")
 
 
 def main(argv: list[str] | None = None) -> None:

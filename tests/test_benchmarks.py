@@ -33,8 +33,10 @@ def _finite(*values: float) -> None:
         assert isinstance(v, float) and math.isfinite(v) and v > 0, v
 
 
-def test_step_overhead(capsys: pytest.CaptureFixture[str]) -> None:
-    result = _run(step_overhead.main, capsys, "--rounds", "2")
+@pytest.mark.parametrize("design", ["copies", "shared"])
+def test_step_overhead(capsys: pytest.CaptureFixture[str], design: str) -> None:
+    result = _run(step_overhead.main, capsys, "--rounds", "2", *(["--shared"] if design == "shared" else []))
+    assert result["design"] == design
     arms = result["arms"]
     assert set(arms) == set(step_overhead.ARMS)
     cpu_kernel = "native" if native_tap.available() else "blocked"
@@ -141,3 +143,14 @@ def test_traced_tap(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["checks"] == {"taps_agree": True, "penalty_live": True, "forms_differ": True}
     _finite(*result["ms"].values())
 
+
+
+def test_step_overhead_shared_design_catches_a_wrapper_that_was_not_paused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared design's check is live: without the pausing, an arm's sites merge the other
+    arms' tokens too, and the benchmark refuses to report."""
+    monkeypatch.setattr(step_overhead, "_paused_others", lambda run, wrappers, arm: run)
+    monkeypatch.setattr(step_overhead, "ARMS", ["adamw", "l2e/mid-2", "l2e/all"])
+    with pytest.raises(AssertionError, match="tokens merged in"):
+        step_overhead.main(["--smoke", "--shared", "--rounds", "2"])

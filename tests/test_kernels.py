@@ -540,3 +540,14 @@ def test_native_compile_error_is_reported(fresh_native: Path, monkeypatch: pytes
     with pytest.raises(native_tap.NativeUnavailable, match="failed"):
         native_tap.library()
     assert not fresh_native.exists() or not any(fresh_native.iterdir())  # nothing half-written kept
+
+
+def test_native_builds_with_a_compiler_command_in_cc(
+    native: None, fresh_native: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$CC`` may be a command line (``ccache gcc``); here a launcher in front of the compiler."""
+    compiler = native_tap.compiler()
+    assert compiler is not None
+    monkeypatch.setenv("CC", f"env {compiler}")
+    native_tap.library()
+    assert [p.suffix for p in fresh_native.iterdir()] == [".so"]

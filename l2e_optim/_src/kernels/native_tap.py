@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -51,9 +52,10 @@ class NativeUnavailable(RuntimeError):
 
 
 def compiler() -> str | None:
-    """The C compiler used: ``$CC`` when set, else the first of cc, gcc, clang on ``PATH``."""
-    if os.environ.get("CC"):
-        return os.environ["CC"].split()[0]
+    """The C compiler command: ``$CC`` when set (``"ccache gcc"`` works), else the first of cc,
+    gcc, clang on ``PATH``."""
+    if os.environ.get("CC", "").strip():
+        return os.environ["CC"].strip()
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
@@ -108,7 +110,7 @@ def library() -> ctypes.CDLL:
 def _build(cc: str, folder: Path, path: Path) -> None:
     descriptor, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(descriptor)
-    command = [cc, *FLAGS, "-o", scratch, str(SOURCE)]
+    command = [*shlex.split(cc), *FLAGS, "-o", scratch, str(SOURCE)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:

@@ -44,9 +44,12 @@ class _Tap(torch.autograd.Function):
         ctx.loss_scale = loss_scale
         ctx.fused = fused
         if fused is None and _traced():
-            # Compiled: the sums in the forward, where Inductor fuses them into the kernel that
-            # produces z, and saved for the backward to add (once, also under checkpointing),
-            # which then makes only the penalty's pass (fused with the layer's own backward).
+            # Compiled: the sums in the forward, saved for the backward to add (once, also under
+            # checkpointing). Inductor computes them in the kernel that produces z, as far as its
+            # partitioner keeps them there (it moves some into the backward, which reads the
+            # saved z for them); the backward's penalty is fused with the layer's own backward.
+            # The tap's share of one compiled site: 3.9 ms, 5.5 ms with every sum in the backward
+            # (benchmarks.traced_tap, docs/benchmarks.md).
             ctx.save_for_backward(z, valid, *_batch_sums(_observed(z, valid, site, options[0], True)))
         else:
             ctx.save_for_backward(z, valid)

@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
 from l2e_optim._lab.zoo import PlainLM, tiny_gpt_neox
+from l2e_optim._src import tap as tap_module
 
 CONFIG = {"warmup_steps": 1, "strength": 0.05, "ratio": 0.05}
 
@@ -154,3 +155,49 @@ def test_metrics_warn_when_a_compiled_graph_bypasses_the_hooks(corpus: Tensor) -
                     opt.metrics()
                 assert all(int(s.count) == 0 for s in opt.sites.values())
 
+
+
+class _CheckpointedLM(PlainLM):
+    """PlainLM whose blocks run under non-reentrant activation checkpointing."""
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return self.head(x)
+
+
+def test_compiled_checkpointed_model_counts_each_micro_batch_once(
+    corpus: Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled, the tap computes its sums in the forward; checkpointing runs that forward again
+    in the backward. The sums must still be added once per micro-batch, as eager adds them."""
+    traced_sums: list[int] = []
+    batch_sums = tap_module._batch_sums
+
+    def spy(seen: Any) -> Any:
+        traced_sums.append(int(torch.compiler.is_compiling()))
+        return batch_sums(seen)
+
+    monkeypatch.setattr(tap_module, "_batch_sums", spy)
+    eager_model = PlainLM()
+    compiled_model = _CheckpointedLM()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager, opt = wrap(eager_model), wrap(compiled_model)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    steps = 3
+    for step, ids in enumerate(batches(corpus, 4, 17, seed=3)):
+        if step == steps:
+            break
+        loss_of(eager_model, ids).backward()
+        loss_of(compiled, ids).backward()
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+        for o in (eager, opt):
+            o.step()
+            o.zero_grad()
+        for a, b in zip(site_state(eager), site_state(opt)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(int(s.count) == steps * 4 * 16 for s in opt.sites.values()), "a recomputed forward counted"
+    assert all(float(s.selected_fraction) > 0 for s in opt.sites.values()), "inhibition never ran"
+    assert 1 in traced_sums, "the tap was not traced: the test ran the eager tap only"

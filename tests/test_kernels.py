@@ -551,3 +551,17 @@ def test_native_builds_with_a_compiler_command_in_cc(
     monkeypatch.setenv("CC", f"env {compiler}")
     native_tap.library()
     assert [p.suffix for p in fresh_native.iterdir()] == [".so"]
+
+
+def test_auto_runs_the_c_tap_on_cpu_when_it_builds(corpus: Tensor) -> None:
+    """The default path end to end: a CPU wrapper with kernel='auto' really calls the C tap."""
+    model = PlainLM(layers=2)
+    opt = L2EWrapper(torch.optim.SGD(model.parameters(), lr=0.05), model, config=L2EConfig(warmup_steps=0))
+    model.loss(next(batches(corpus, 2, 17))).backward()  # type: ignore[operator]
+    opt.step()
+    chosen = opt._runtime.kernels
+    if native_tap.available():
+        assert chosen._native is not None and chosen._blocked is None
+    else:
+        assert chosen._native is None and chosen._blocked is not None
+    assert all(int(s.count) == 2 * 16 for s in opt.sites.values())

@@ -58,7 +58,7 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
         z, valid, *early = ctx.saved_tensors
-        if isinstance(ctx.fused, NativeTap) and z.dtype in DTYPES and grad.dtype == z.dtype:
+        if isinstance(ctx.fused, NativeTap) and z.dtype in DTYPES:
             out = ctx.fused.site_backward(z, grad, valid, ctx.site, ctx.options, ctx.loss_scale)
             return out, None, None, None, None, None
         if ctx.fused is not None:
@@ -119,30 +119,19 @@ def _batch_sums(seen: _Observed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     """``(s1, s2, tokens, selected count, finite)`` of one micro-batch, as ``accumulate`` takes them."""
     d, dsq = seen.d, seen.dsq
     n = d.shape[-1]
-    traced = seen.over.dtype != torch.bool
-    if seen.rows is None and traced and _STAGED:
-        # Traced: d is zero on padding already, so plain column sums are the weighted ones, taken
-        # in two stages (see _column_sums); Inductor's one-stage code strides down the rows.
+    if seen.rows is None:
         valid = None if seen.valid is None else seen.valid.reshape(-1)
-        s1, s2 = _column_sums(d.view(-1, n)), _column_sums(dsq.view(-1, n))
+        if seen.over.dtype == torch.bool:  # eager
+            s1, s2 = shifted_sums(d.view(-1, n), dsq.view(-1, n), valid)
+        else:  # traced: d is zero on padding, so plain column sums are the weighted ones
+            s1, s2 = _column_sums(d.view(-1, n)), _column_sums(dsq.view(-1, n))
         tokens = _token_count(valid, d.view(-1, n))
-        hits = _column_sums(seen.over.view(-1, n)).to(torch.int64).sum()
-    elif seen.rows is None:
-        valid = None if seen.valid is None else seen.valid.reshape(-1)
-        s1, s2 = shifted_sums(d.view(-1, n), dsq.view(-1, n), valid)
-        tokens = _token_count(valid, d.view(-1, n))
-        hits = _selected_count(seen.over.view(-1, n))
     else:
         s1, s2, tokens = position_sums(d, dsq, seen.valid, seen.rows)
-        hits = _selected_count(seen.over.view(-1, n))
     # Any NaN/inf in z makes its neuron's s2 NaN/inf: checking [N] instead of [tokens, N].
     # A device bool, so skipping the micro-batch costs no host sync.
     finite = torch.isfinite(s2).all()
-    return s1, s2, tokens, hits, finite
-
-
-#: Whether traced column sums are taken in two stages (``benchmarks`` compare with one).
-_STAGED = True
+    return s1, s2, tokens, _selected_count(seen.over.view(-1, n)), finite
 
 
 def _column_sums(x: Tensor) -> Tensor:
@@ -195,7 +184,7 @@ def _selected_count(over: Tensor) -> Tensor:
     """
     if over.dtype == torch.bool:
         return torch.count_nonzero(over)
-    return over.sum(0).to(torch.int64).sum()
+    return _column_sums(over).to(torch.int64).sum()
 
 
 def _traced_penalty(

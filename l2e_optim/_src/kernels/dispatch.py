@@ -35,7 +35,7 @@ def check_kernel(config: L2EConfig, device: torch.device) -> None:
     """Refuse, at construction, a ``kernel`` that cannot run on ``device``; the error says why."""
     if config.kernel in ("native", "blocked") and device.type != "cpu":
         raise RuntimeError(
-            f"L2EConfig(kernel={config.kernel!r}) is a CPU path (it reads two scalars on the host) but "
+            f"L2EConfig(kernel={config.kernel!r}) is a CPU path (it reads scalars on the host) but "
             f"the model is on {device}; use kernel='auto' (Triton on CUDA when installed, else eager)."
         )
     if config.kernel == "native":
@@ -116,9 +116,9 @@ def pick_kernel(
     """The dispatch table: ``requested`` (``L2EConfig.kernel``) resolved for one call.
 
     Eager when asked, when the configuration is not fusable, and under ``torch.compile`` (the
-    eager tap is traced and Inductor fuses it with the layer's own backward: on CPU that beat the
-    C tap called as an opaque operator, 1.007x against 1.021x a compiled AdamW step at
-    Pythia-70M widths, all layers, in one paired run); an explicit kernel otherwise
+    eager tap is traced and Inductor fuses it; the C tap called as an opaque operator measured
+    no better, 1.023x against 1.024x a compiled AdamW step at Pythia-70M widths, all layers, in
+    one paired run: docs/benchmarks.md); an explicit kernel otherwise
     (``check_kernel`` has vetted it); ``"auto"``: Triton on CUDA when installed, on CPU the C tap
     when it builds (``native_ok``) and else blocked, else eager.
     """

@@ -11,7 +11,7 @@
  * Padding rows (valid <= 0) add nothing and pass their gradient through. Each thread owns a
  * stripe of neurons (columns) and adds its rows in order, so the sums are bit-identical for
  * every thread count and every instruction set the loop is cloned for (target_clones).
- * A NaN/inf reaches s2; the caller reads it there and discards the micro-batch.
+ * A NaN/inf reaches s2, where l2e_site_tap finds it and discards the micro-batch.
  */
 #include <float.h>
 #include <math.h>
@@ -139,17 +139,6 @@ static void l2e_stripes(l2e_job job, int threads) {
         else
             l2e_run(&jobs[i]); /* no thread to be had: this one does the stripe */
     }
-}
-
-/* The loop alone (the FusedTap signature): bar and factor given, sums [3N] added to.
- * Returns 0, or -1 for an unknown dtype. threads > 1 splits the neurons into stripes of
- * multiples of 16 columns, one per thread (the calling thread takes the first). */
-int l2e_tap(int dtype, const void *z, const void *grad, void *out, const float *valid, const float *mean,
-            const float *bar, float *sums, int64_t tokens, int64_t n, float factor, float log_eps, int threads) {
-    if (dtype != L2E_FLOAT32 && dtype != L2E_BFLOAT16) return -1;
-    l2e_job job = {dtype, z, grad, out, valid, mean, bar, sums, tokens, n, 0, n, factor, log_eps};
-    l2e_stripes(job, threads);
-    return 0;
 }
 
 /* One site's whole backward for one micro-batch (pooled statistics, threshold retrieval), as

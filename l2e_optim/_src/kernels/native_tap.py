@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from ..statistics import MIN_COUNT
-from . import TapResult
 from .blocked_tap import BlockedTap
 
 SOURCE = Path(__file__).with_name("native_tap.c")
@@ -101,8 +100,7 @@ def library() -> ctypes.CDLL:
     except OSError as error:
         raise NativeUnavailable(f"the built C tap {path} does not load: {error}") from error
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.l2e_tap.restype = lib.l2e_site_tap.restype = i32
-    lib.l2e_tap.argtypes = [i32, p, p, p, p, p, p, p, i64, i64, f32, f32, i32]
+    lib.l2e_site_tap.restype = i32
     lib.l2e_site_tap.argtypes = [i32, p, p, p, p, p, p, f32, i32, f32, f32, p, p, p, i64, i64, f32, f32, f32, i32]
     return lib
 
@@ -135,33 +133,15 @@ def available() -> bool:
 
 
 class NativeTap(BlockedTap):
-    """A :data:`~l2e_optim._src.kernels.FusedTap` running ``native_tap.c`` (CPU tensors).
+    """The C tap (CPU tensors): ``_Tap`` calls :meth:`site_backward` for fp32/bf16 activations.
 
-    Owns its output buffers like :class:`BlockedTap` (whose ``_output`` it reuses) and hands
-    a dtype the C loop does not take (fp16, fp64) to it.
+    A :class:`BlockedTap` otherwise: it reuses its output buffers (``_output``), and an
+    activation the C loop does not take (fp16, fp64) runs the blocked path (``__call__``).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._scratches: dict[int, Tensor] = {}
-
-    def __call__(
-        self,
-        z: Tensor,
-        grad: Tensor | None,
-        valid: Tensor | None,
-        mean: Tensor,
-        bar: Tensor,
-        scale: Tensor,
-        log_eps: float,
-    ) -> TapResult:
-        if z.dtype not in DTYPES or (grad is not None and grad.dtype != z.dtype):
-            return super().__call__(z, grad, valid, mean, bar, scale, log_eps)
-        out, sums = self.run(z, grad, valid, mean, bar, scale, log_eps)
-        n = z.shape[1]
-        # Per-neuron counts are exact integers in fp32 (< 2^24 tokens); their total may not be.
-        selected = sums[2 * n :].to(torch.int64).sum()
-        return TapResult(grad if out is None else out, sums[: 2 * n], selected, torch.isfinite(sums[n : 2 * n]).all())
 
     def site_backward(
         self,
@@ -183,12 +163,10 @@ class NativeTap(BlockedTap):
         mean, var, tau, count, step, acc = site
         eps, log_eps, coef, warmup = options[:4]
         n = z.shape[-1]
-        z2, tokens = z.reshape(-1, n), z.numel() // max(n, 1)
+        z2 = z.reshape(-1, n).contiguous()
         active = coef != 0.0 and int(step) >= warmup  # sync-ok: CPU tensors (the C tap's device)
         out = self._output(grad) if active else None
         g = None if out is None else grad.reshape(-1, n).contiguous()
-        if not z2.is_contiguous():
-            z2 = z2.contiguous()
         scratch = self._scratch(n)
         status = library().l2e_site_tap(
             DTYPES[z.dtype],
@@ -205,7 +183,7 @@ class NativeTap(BlockedTap):
             acc.data_ptr(),
             scratch.data_ptr(),
             scratch[n:].data_ptr(),
-            tokens,
+            z2.shape[0],
             n,
             2.0 * coef,
             1.0 if loss_scale is None else float(loss_scale),  # sync-ok: CPU
@@ -225,38 +203,3 @@ class NativeTap(BlockedTap):
     @staticmethod
     def _threads(z: Tensor) -> int:
         return max(1, min(torch.get_num_threads(), z.numel() // MIN_VALUES_PER_THREAD))
-
-    def run(
-        self, z: Tensor, grad: Tensor | None, valid: Tensor | None, mean: Tensor, bar: Tensor, scale: Tensor,
-        log_eps: float,
-    ) -> tuple[Tensor | None, Tensor]:
-        """The C loop on fp32 or bf16 ``z``: the outgoing gradient (None when none is due: no
-        ``grad`` or a zero ``scale``) and the ``[3N]`` sums, s1 | s2 | per-neuron counts."""
-        tokens, n = z.shape
-        factor = float(scale)  # sync-ok: a CPU tensor (the C tap runs on CPU only)
-        out = None if grad is None or factor == 0.0 else self._output(grad)
-        z = z.contiguous()
-        g = None if out is None or grad is None else grad.contiguous()
-        weights = None if valid is None else valid.to(torch.float32).contiguous()
-        mean, bar = mean.to(torch.float32).contiguous(), bar.to(torch.float32).contiguous()
-        sums = torch.zeros(3 * n, dtype=torch.float32)
-        status = library().l2e_tap(
-            DTYPES[z.dtype],
-            z.data_ptr(),
-            None if g is None else g.data_ptr(),
-            None if out is None else out.data_ptr(),
-            None if weights is None else weights.data_ptr(),
-            mean.data_ptr(),
-            bar.data_ptr(),
-            sums.data_ptr(),
-            tokens,
-            n,
-            factor,
-            log_eps,
-            self._threads(z),
-        )
-        if status != 0:  # unreachable: callers pass the dtypes of DTYPES
-            raise RuntimeError(f"the C tap refused {z.dtype}")
-        if out is not None and g is not None and not bool(torch.isfinite(sums[n : 2 * n]).all()):  # sync-ok: CPU
-            out.copy_(g)  # a skipped micro-batch: exactly the incoming gradient
-        return out, sums

@@ -189,9 +189,10 @@ def measure_shared(
         steps = len(step_times[arm])
         fractions = [float(site.selected_fraction) for site in opt.sites.values()]
         assert all(f > 0.0 for f in fractions), f"{arm}: a site selected nothing ({fractions})"
-        counts = {int(site.count) for site in opt.sites.values() if site.count.ndim == 0}
-        # Its own steps' tokens and no other arm's: the paused wrappers gathered nothing.
-        assert counts <= {steps * tokens}, f"{arm}: {counts} tokens merged in {steps} steps of {tokens}"
+        # Its own steps' tokens and no other arm's: the paused wrappers gathered nothing (summed
+        # over the rows of per-position statistics, which count each position's tokens).
+        counts = {int(site.count.sum()) for site in opt.sites.values()}
+        assert counts == {steps * tokens}, f"{arm}: {counts} tokens merged in {steps} steps of {tokens}"
     return _report(arm_names, opts, wall, cpu, step_times)
 
 

@@ -32,7 +32,8 @@ def backward_of(fused: BlockedTap | None, tokens: int, neurons: int) -> tuple[Ca
     z = (torch.randn(tokens, neurons, generator=g) * 2).requires_grad_()
     grad = incoming(tokens, neurons)
     acc = torch.zeros(2 * neurons + 3)
-    site = (torch.zeros(neurons), torch.ones(neurons), torch.tensor(5.0), torch.tensor(100), torch.tensor(50), acc)
+    scalars = (torch.tensor(5.0), torch.tensor(100), torch.tensor(50))
+    site = (torch.zeros(neurons), torch.ones(neurons), *scalars, acc, torch.zeros_like(acc))
     options = (0.01, 1e-6, 1e-3, 10, "threshold", 0.02, 1)
 
     def run() -> torch.Tensor:

@@ -36,7 +36,8 @@ EPS, LOG_EPS, COEF, TAU = 0.01, 1e-6, 1e-3, 5.0
 
 def _tapped(acc: Tensor, n: int) -> Callable[[Tensor], Tensor]:
     """GELU, then the library's tap (statistics present, penalty live), adding into ``acc``."""
-    site = (torch.zeros(n), torch.ones(n), torch.tensor(TAU), torch.tensor(100), torch.tensor(50), acc)
+    scalars = (torch.tensor(TAU), torch.tensor(100), torch.tensor(50))
+    site = (torch.zeros(n), torch.ones(n), *scalars, acc, torch.zeros_like(acc))
     options = (EPS, LOG_EPS, COEF, 0, "threshold", 0.02, 1)
     return lambda x: _Tap.apply(F.gelu(x), None, site, options, None, None)  # type: ignore[no-untyped-call]
 

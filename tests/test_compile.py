@@ -201,3 +201,72 @@ def test_compiled_checkpointed_model_counts_each_micro_batch_once(
     assert all(int(s.count) == steps * 4 * 16 for s in opt.sites.values()), "a recomputed forward counted"
     assert all(float(s.selected_fraction) > 0 for s in opt.sites.values()), "inhibition never ran"
     assert 1 in traced_sums, "the tap was not traced: the test ran the eager tap only"
+
+
+def _reductions_over(graph: torch.fx.GraphModule, numel: int) -> list[str]:
+    """The reductions (sum/any/all/amax...) in ``graph`` whose input has ``numel`` elements."""
+    found = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        name = str(node.target).split(".")[1] if str(node.target).startswith("aten.") else str(node.target)
+        if name in {"sum", "any", "all", "amax", "amin", "mean"}:
+            value = node.args[0].meta.get("val")
+            if isinstance(value, Tensor) and value.numel() == numel:
+                found.append(str(node.target))
+    return found
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_compiled_sums_stay_in_the_forward(padded: bool) -> None:
+    """Under Inductor's partitioner (min cut) the tap's column sums are computed in the forward,
+    where they fuse with the kernel producing z, and the backward makes no reduction over the
+    activation: a sum only the backward needs would be recomputed there, a second pass over the
+    saved z (measured: docs/benchmarks.md). Also: ``forward_sums`` holds what the backward adds."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, torch.fx.GraphModule] = {}
+
+    def capture(kind: str) -> Any:
+        def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    backend = aot_autograd(
+        fw_compiler=capture("forward"), bw_compiler=capture("backward"),
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    tokens, n = 64, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, n, generator=g, requires_grad=True)
+    valid = (torch.rand(tokens, generator=g) > 0.3).float() if padded else None
+    acc = torch.zeros(2 * n + 3)
+    scalars = (torch.tensor(2.0), torch.tensor(10), torch.tensor(5))  # tau, count, step
+    site = (torch.zeros(n), torch.ones(n), *scalars, acc, torch.zeros_like(acc))
+    options = (1e-2, 1e-6, 1e-2, 0, "threshold", 0.02, 1)
+
+    weight = torch.randn(8, n, generator=g, requires_grad=True)
+
+    def tapped(x: Tensor) -> Tensor:  # as in an MLP: z is saved for the weight's gradient
+        z = tap_module._Tap.apply(  # type: ignore[no-untyped-call]
+            nn.functional.gelu(x), valid, site, options, None, None
+        )
+        return nn.functional.linear(z, weight)
+
+    out = torch.compile(tapped, backend=backend, fullgraph=True)(x)
+    forward_sums = site[6].clone()
+    tokens_seen, selected, nonfinite = forward_sums[2 * n :].tolist()
+    assert tokens_seen == (tokens if valid is None else float(valid.sum())) and nonfinite == 0.0
+    assert selected > 0, "nothing selected: the count is not tested"
+    out.backward(torch.randn(tokens, 8, generator=g))
+    assert torch.equal(acc, forward_sums), "the backward added other sums than the forward recorded"
+    assert len(_reductions_over(graphs["forward"], tokens * n)) >= 3, graphs["forward"].code
+    assert _reductions_over(graphs["backward"], tokens * n) == [], graphs["backward"].code
+    # Nor is a [tokens, N] mask saved for the backward (Inductor's CPU code stores bools byte by
+    # byte); the backward recomputes its selection from the saved z.
+    saved = [node.meta.get("val") for node in graphs["backward"].graph.nodes if node.op == "placeholder"]
+    masks = [v.shape for v in saved if isinstance(v, Tensor) and v.dtype == torch.bool and v.numel() == tokens * n]
+    assert masks == [], f"the forward saves a selection mask {masks}"

@@ -93,7 +93,7 @@ def run_tap(
     n, device = z.shape[-1], z.device
     acc = torch.zeros(2 * n + 3, device=device)
     scalars = [torch.tensor(v, device=device) for v in (TAU, count, step)]
-    site = (mean.to(device), var.to(device), *scalars, acc)
+    site = (mean.to(device), var.to(device), *scalars, acc, torch.zeros_like(acc))
     options = (EPS, LOG_EPS, coef, warmup, "threshold", 0.02, 1)
     leaf = z.detach().clone().requires_grad_()
     def tap(x: Tensor) -> Tensor:

@@ -68,6 +68,10 @@ class SiteState:
         )
         # GradScaler's scale when the pending sums were gathered (see drop_stale_sums_); not state.
         self.scale_tag = torch.zeros((), dtype=f32, device=device)
+        # The latest compiled forward's sums, in the accumulator's layout; not state, and read by
+        # nothing: writing them makes the sums a forward output, which Inductor's partitioner must
+        # compute in the forward (see tap._Tap.forward).
+        self.forward_sums = torch.zeros_like(self.accumulator)
         self.reset_(threshold)
 
     @torch.no_grad()
@@ -221,7 +225,7 @@ def _observe(z: Tensor, site: SiteState, runtime: SiteRuntime) -> Tensor:
         loss_scale = runtime.loss_scale()
         if loss_scale is not None:
             drop_stale_sums_(site.accumulator, site.scale_tag, loss_scale)
-        tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator)
+        tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator, site.forward_sums)
         fused = runtime.kernels.choose(z)
         out = _Tap.apply(z, valid, tensors, runtime.tap_options, loss_scale, fused)  # type: ignore[no-untyped-call]
     if config.inhibition == "memel":

@@ -44,13 +44,19 @@ class _Tap(torch.autograd.Function):
         ctx.loss_scale = loss_scale
         ctx.fused = fused
         if fused is None and _traced():
-            # Compiled: the sums in the forward, saved for the backward to add (once, also under
-            # checkpointing). Inductor computes them in the kernel that produces z, as far as its
-            # partitioner keeps them there (it moves some into the backward, which reads the
-            # saved z for them); the backward's penalty is fused with the layer's own backward.
-            # The tap's share of one compiled site: 3.9 ms, 5.5 ms with every sum in the backward
-            # (benchmarks.traced_tap, docs/benchmarks.md).
-            ctx.save_for_backward(z, valid, *_batch_sums(_observed(z, valid, site, options[0], True)))
+            # Compiled: the sums in the forward, where Inductor fuses them with the kernel that
+            # produces z; saved for the backward to add (once, also under checkpointing). Written
+            # to the site's forward_sums as well, which nothing reads: a value only the backward
+            # uses is recomputed there by the partitioner (the min cut keeps reductions in the
+            # forward only when a forward output needs them), a second pass over the saved z.
+            # The count compares dsq - bar with 0, the backward's selection dsq with bar: the
+            # same values (see _forward_count), but two graph nodes, so CSE does not merge them
+            # into one [tokens, N] bool mask saved for the backward (which Inductor's CPU code
+            # stores byte by byte: 10 ms a Pythia-70M site). Measured: docs/benchmarks.md.
+            seen = _observed(z, valid, site, options[0], True)
+            sums = _batch_sums(seen._replace(over=_forward_count(seen)))
+            _record(site[6], sums, z.shape[-1], seen.rows)
+            ctx.save_for_backward(z, valid, *sums)
         else:
             ctx.save_for_backward(z, valid)
         return z.view_as(z)
@@ -63,7 +69,7 @@ class _Tap(torch.autograd.Function):
             return out, None, None, None, None, None
         if ctx.fused is not None:
             return _fused_backward(ctx, z, valid, grad), None, None, None, None, None
-        mean, var, tau, count, step, acc = ctx.site
+        mean, var, tau, count, step, acc, _ = ctx.site
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
         traced = bool(early) or _traced()
         seen = _observed(z, valid, ctx.site, eps, traced)
@@ -92,6 +98,7 @@ class _Observed(NamedTuple):
     d: Tensor  #: fp32 ``z - mean``, padding zeroed
     dsq: Tensor  #: ``d * d``
     over: Tensor  #: at or above the threshold (padding excluded): bool, or fp32 0/1 when traced
+    bar: Tensor  #: the threshold on ``dsq`` (``_threshold_bar``), broadcastable to it
     stats: TokenStatistics
     valid: Tensor | None  #: ``[sequences, positions]`` padding weights
     rows: int | None  #: per-position statistic rows; None when pooled
@@ -105,14 +112,15 @@ def _observed(z: Tensor, valid: Tensor | None, site: tuple[Tensor, ...], eps: fl
     # Shift K = running mean: identical on every rank, keeps the sums small.
     d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
     dsq = d * d
-    over = dsq >= _threshold_bar(stats, tau)  # what the moving threshold counts, whatever inhibits
+    bar = _threshold_bar(stats, tau)
+    over = dsq >= bar  # what the moving threshold counts, whatever inhibits
     if valid3 is not None:
         over &= valid3[..., None] > 0
     if traced:
         # One fp32 0/1 tensor for the count and the penalty: Inductor's CPU code stores and
         # applies a bool mask far slower than it multiplies (see _traced_penalty).
         over = over.to(torch.float32)
-    return _Observed(d, dsq, over, stats, valid3, None if mean.ndim == 1 else mean.shape[0])
+    return _Observed(d, dsq, over, bar, stats, valid3, None if mean.ndim == 1 else mean.shape[0])
 
 
 def _batch_sums(seen: _Observed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -134,6 +142,31 @@ def _batch_sums(seen: _Observed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     return s1, s2, tokens, _selected_count(seen.over.view(-1, n)), finite
 
 
+def _forward_count(seen: _Observed) -> Tensor:
+    """``seen.over`` as the compiled forward counts it: ``dsq - bar >= 0``, fp32 0/1.
+
+    The same values as ``dsq >= bar``: IEEE subtraction rounds monotonically, so ``a - b >= 0``
+    exactly when ``a >= b`` for finite ``a`` and ``b``; an infinite bar (no statistics yet) gives
+    ``-inf``, not counted either way; a NaN/inf ``dsq`` skips the micro-batch. (Only with
+    denormals flushed to zero could ``a < b`` by less than the smallest normal count.)
+    """
+    over = (seen.dsq - seen.bar) >= 0
+    if seen.valid is not None:
+        over &= seen.valid[..., None] > 0
+    return over.to(torch.float32)
+
+
+def _record(forward_sums: Tensor, sums: tuple[Tensor, ...], n: int, rows: int | None) -> None:
+    """Write one micro-batch's ``_batch_sums`` into ``forward_sums`` (the accumulator's layout)."""
+    s1, s2, tokens, hits, finite = sums
+    out = pending(forward_sums, n, rows)
+    out.s1.copy_(s1)
+    out.s2.copy_(s2)
+    out.tokens.copy_(tokens)
+    out.selected.copy_(hits)
+    out.nonfinite.copy_(~finite)
+
+
 def _column_sums(x: Tensor) -> Tensor:
     """``x.sum(0)`` of a ``[tokens, N]`` tensor in two stages, for ``torch.compile``'s CPU code.
 
@@ -153,7 +186,7 @@ def _column_sums(x: Tensor) -> Tensor:
 
 def _fused_backward(ctx: Any, z: Tensor, valid: Tensor | None, grad: Tensor) -> Tensor:
     """The tap's backward by a fused kernel (``ctx.fused``; pooled statistics, threshold)."""
-    mean, var, tau, count, step, acc = ctx.site
+    mean, var, tau, count, step, acc, _ = ctx.site
     eps, log_eps, coef, warmup = ctx.options[:4]
     z2 = rearrange(z, "... n -> (...) n")  # [tokens, N]
     bar = _threshold_bar(token_statistics(mean, var, count, eps, 1), tau)  # [N]

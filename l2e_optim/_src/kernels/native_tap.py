@@ -160,7 +160,7 @@ class NativeTap(BlockedTap):
         tap does in some forty small torch ops, 0.8 ms a site on the Pythia-70M step, in one.
         Returns the outgoing gradient (``grad`` itself when no penalty is due).
         """
-        mean, var, tau, count, step, acc = site
+        mean, var, tau, count, step, acc, _ = site
         eps, log_eps, coef, warmup = options[:4]
         n = z.shape[-1]
         z2 = z.reshape(-1, n).contiguous()

@@ -6,7 +6,10 @@ sums, the token count and the selected count into the site's step accumulator (s
 micro-batch with a NaN/inf among its real tokens) and adds ``strength * dL_MS/dz`` to the incoming
 gradient. The eager backward below is the reference; a fused kernel (``kernels/``, chosen per
 call by ``kernels.dispatch``) does the pooled, threshold case in one pass over the activation;
-the C tap does the whole backward, bar and accumulation included, in one call.
+the C tap does the whole backward, bar and accumulation included, in one call. Under
+``torch.compile`` the tap is traced instead: the sums are computed in the forward (fused with the
+kernel producing the activation) and still added to the accumulator by the backward, so a
+micro-batch counts once, and only when it has a backward.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .amp_forwarding import AmpForwarding
 from .base_step import init_hook_dicts, requires_closure, step_without_global_hooks
-from .commit import commit_site, step_increment
+from .commit import commit_sites, step_increment
 from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
@@ -182,8 +182,7 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
                 for buffer in self._buffers.values():
                     buffer.mul_(stepped.to(buffer.device, buffer.dtype))
         increment = step_increment(self._sites.values(), self.param_groups)  # 0: DCP's lr-0 step
-        for site in self._sites.values():
-            commit_site(site, self.config)
+        commit_sites(self._sites.values(), self.config)
         if stepped is not None:
             increment = stepped.to(self._step_count.device, torch.int64) * increment
         self._step_count.add_(increment)

@@ -230,9 +230,8 @@ def _traced_penalty(
 
     The same values as the eager ``half_log_ms_grad_`` + ``addcmul`` (rounded once, in fp32), in
     a form Inductor's CPU code runs fast: on one ``[512, 2048]`` site the eager form traced costs
-    14.0 ms over GELU's compiled forward and backward, this one 5.5 ms (``benchmarks.traced_tap``;
-    docs/benchmarks.md). ``d * 0``
-    is NaN for a NaN ``d``, so a skipped micro-batch (``finite`` false) returns ``grad`` exactly
+    13.7 ms over GELU's compiled forward and backward, the traced form (with its sums in the
+    forward) 2.0 ms (``benchmarks.traced_tap``; docs/benchmarks.md). ``d * 0`` is NaN for a NaN ``d``, so a skipped micro-batch (``finite`` false) returns ``grad`` exactly
     by a ``where`` on the 0-dim flag (an inf value's ``d * 0`` is NaN too).
     """
     extra = d * selected.to(torch.float32) / (dsq + log_eps)

@@ -47,7 +47,7 @@ class _Tap(torch.autograd.Function):
         ctx.loss_scale = loss_scale
         ctx.fused = fused
         if fused is None and _traced():
-            # Compiled: the sums in the forward, where Inductor fuses them with the kernel that
+            # Compiled: the sums in the forward, where Inductor computes them in the kernel that
             # produces z; saved for the backward to add (once, also under checkpointing). Written
             # to the site's forward_sums as well, which nothing reads: a value only the backward
             # uses is recomputed there by the partitioner (the min cut keeps reductions in the
@@ -231,8 +231,9 @@ def _traced_penalty(
     The same values as the eager ``half_log_ms_grad_`` + ``addcmul`` (rounded once, in fp32), in
     a form Inductor's CPU code runs fast: on one ``[512, 2048]`` site the eager form traced costs
     13.7 ms over GELU's compiled forward and backward, the traced form (with its sums in the
-    forward) 2.0 ms (``benchmarks.traced_tap``; docs/benchmarks.md). ``d * 0`` is NaN for a NaN ``d``, so a skipped micro-batch (``finite`` false) returns ``grad`` exactly
-    by a ``where`` on the 0-dim flag (an inf value's ``d * 0`` is NaN too).
+    forward) 2.0 ms (``benchmarks.traced_tap``; docs/benchmarks.md). ``d * 0`` is NaN for a NaN
+    ``d``, so a skipped micro-batch (``finite`` false) returns ``grad`` exactly by a ``where`` on
+    the 0-dim flag (an inf value's ``d * 0`` is NaN too).
     """
     extra = d * selected.to(torch.float32) / (dsq + log_eps)
     penalized = (grad.float() + scale * extra.reshape(grad.shape)).to(grad.dtype)

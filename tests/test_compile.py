@@ -270,3 +270,28 @@ def test_compiled_sums_stay_in_the_forward(padded: bool) -> None:
     saved = [node.meta.get("val") for node in graphs["backward"].graph.nodes if node.op == "placeholder"]
     masks = [v.shape for v in saved if isinstance(v, Tensor) and v.dtype == torch.bool and v.numel() == tokens * n]
     assert masks == [], f"the forward saves a selection mask {masks}"
+
+
+def test_compiled_bf16_autocast_gathers_what_eager_gathers(corpus: Tensor) -> None:
+    """Under bf16 autocast the compiled tap sums bf16 activations in fp32 in the forward (and
+    writes them to fp32 scratch) as eager does in the backward: same counts and selections."""
+    eager_model, compiled_model = PlainLM(), PlainLM()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager, opt = wrap(eager_model), wrap(compiled_model)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    for step, ids in enumerate(batches(corpus, 4, 17, seed=3)):
+        if step == 3:
+            break
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = loss_of(eager_model, ids), loss_of(compiled, ids)
+        for loss in losses:
+            loss.backward()
+        for o in (eager, opt):
+            o.step()
+            o.zero_grad()
+    for a, b in zip(eager.sites.values(), opt.sites.values()):
+        assert int(a.count) == int(b.count) == 3 * 4 * 16
+        assert float(a.selected_fraction) == float(b.selected_fraction) > 0
+        torch.testing.assert_close(b.mean, a.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.var, a.var, rtol=1e-5, atol=1e-6)
+        assert float(b.forward_sums.abs().sum()) > 0, "the compiled forward recorded no sums"

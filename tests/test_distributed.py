@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import pathlib
 import socket
@@ -166,6 +167,9 @@ def _entry(rank: int, job: str | Job, world: int, port: int, out: str) -> None:
         result = run(rank, pathlib.Path(out))
         name = job if isinstance(job, str) else job.__name__
         torch.save(result, pathlib.Path(out) / f"{name}_rank{rank}.pt")
+        # Every rank done before any tears gloo down (a rank exiting while its peer still works
+        # can abort at exit: seen in benchmarks/distributed_collective.py).
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     finally:
         dist.destroy_process_group()
 

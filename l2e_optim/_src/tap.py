@@ -52,12 +52,11 @@ class _Tap(torch.autograd.Function):
             # to the site's forward_sums as well, which nothing reads: a value only the backward
             # uses is recomputed there by the partitioner (the min cut keeps reductions in the
             # forward only when a forward output needs them), a second pass over the saved z.
-            # The count compares dsq - bar with 0, the backward's selection dsq with bar: the
-            # same values (see _forward_count), but two graph nodes, so CSE does not merge them
-            # into one [tokens, N] bool mask saved for the backward (which Inductor's CPU code
-            # stores byte by byte: 10 ms a Pythia-70M site). Measured: docs/benchmarks.md.
-            seen = _observed(z, valid, site, options[0], True)
-            sums = _batch_sums(seen._replace(over=_forward_count(seen)))
+            # forward=True: a count CSE cannot merge with the backward's selection, which would
+            # be saved as a [tokens, N] bool mask (Inductor's CPU code stores it byte by byte:
+            # 10 ms a Pythia-70M site). Measured: docs/benchmarks.md.
+            seen = _observed(z, valid, site, options[0], traced=True, forward=True)
+            sums = _batch_sums(seen)
             _record(site[6], sums, z.shape[-1], seen.rows)
             ctx.save_for_backward(z, valid, *sums)
         else:
@@ -79,7 +78,7 @@ class _Tap(torch.autograd.Function):
         d, dsq, over, stats = seen.d, seen.dsq, seen.over, seen.stats
         s1, s2, tokens, hits, finite = early if early else _batch_sums(seen)
         n = z.shape[-1]
-        accumulate(pending(acc, n, None if mean.ndim == 1 else mean.shape[0]), s1, s2, tokens, hits, finite)
+        accumulate(pending(acc, n, seen.rows), s1, s2, tokens, hits, finite)
         if coef == 0.0:
             return grad, None, None, None, None, None
         selected = over
@@ -101,13 +100,15 @@ class _Observed(NamedTuple):
     d: Tensor  #: fp32 ``z - mean``, padding zeroed
     dsq: Tensor  #: ``d * d``
     over: Tensor  #: at or above the threshold (padding excluded): bool, or fp32 0/1 when traced
-    bar: Tensor  #: the threshold on ``dsq`` (``_threshold_bar``), broadcastable to it
     stats: TokenStatistics
     valid: Tensor | None  #: ``[sequences, positions]`` padding weights
     rows: int | None  #: per-position statistic rows; None when pooled
 
 
-def _observed(z: Tensor, valid: Tensor | None, site: tuple[Tensor, ...], eps: float, traced: bool) -> _Observed:
+def _observed(
+    z: Tensor, valid: Tensor | None, site: tuple[Tensor, ...], eps: float, traced: bool, forward: bool = False
+) -> _Observed:
+    """``z`` against the site's statistics; ``forward``: as the compiled forward counts (below)."""
     mean, var, tau, count = site[:4]
     z3 = as_sequences(z)  # [sequences, positions, N]
     stats = token_statistics(mean, var, count, eps, z3.shape[1])
@@ -116,14 +117,20 @@ def _observed(z: Tensor, valid: Tensor | None, site: tuple[Tensor, ...], eps: fl
     d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
     dsq = d * d
     bar = _threshold_bar(stats, tau)
-    over = dsq >= bar  # what the moving threshold counts, whatever inhibits
+    # What the moving threshold counts, whatever inhibits. The compiled forward compares
+    # dsq - bar with 0: the same values (IEEE subtraction rounds monotonically, so a - b >= 0
+    # exactly when a >= b for finite a and b; an infinite bar, no statistics yet, gives -inf,
+    # not counted either way; a NaN/inf dsq skips the micro-batch; only with denormals flushed
+    # to zero could a < b by less than the smallest normal count), but a graph node of its
+    # own, so CSE cannot merge it with the backward's selection (see _Tap.forward).
+    over = (dsq - bar) >= 0 if forward else dsq >= bar
     if valid3 is not None:
         over &= valid3[..., None] > 0
     if traced:
         # One fp32 0/1 tensor for the count and the penalty: Inductor's CPU code stores and
         # applies a bool mask far slower than it multiplies (see _traced_penalty).
         over = over.to(torch.float32)
-    return _Observed(d, dsq, over, bar, stats, valid3, None if mean.ndim == 1 else mean.shape[0])
+    return _Observed(d, dsq, over, stats, valid3, None if mean.ndim == 1 else mean.shape[0])
 
 
 def _batch_sums(seen: _Observed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -143,20 +150,6 @@ def _batch_sums(seen: _Observed) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     # A device bool, so skipping the micro-batch costs no host sync.
     finite = torch.isfinite(s2).all()
     return s1, s2, tokens, _selected_count(seen.over.view(-1, n)), finite
-
-
-def _forward_count(seen: _Observed) -> Tensor:
-    """``seen.over`` as the compiled forward counts it: ``dsq - bar >= 0``, fp32 0/1.
-
-    The same values as ``dsq >= bar``: IEEE subtraction rounds monotonically, so ``a - b >= 0``
-    exactly when ``a >= b`` for finite ``a`` and ``b``; an infinite bar (no statistics yet) gives
-    ``-inf``, not counted either way; a NaN/inf ``dsq`` skips the micro-batch. (Only with
-    denormals flushed to zero could ``a < b`` by less than the smallest normal count.)
-    """
-    over = (seen.dsq - seen.bar) >= 0
-    if seen.valid is not None:
-        over &= seen.valid[..., None] > 0
-    return over.to(torch.float32)
 
 
 def _record(forward_sums: Tensor, sums: tuple[Tensor, ...], n: int, rows: int | None) -> None:

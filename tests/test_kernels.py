@@ -507,7 +507,12 @@ def test_native_builds_where_the_cache_cannot_be_written(native: None, monkeypat
 
 def test_native_builds_race_safely(native: None, tmp_path: Path) -> None:
     """Ranks starting together build into one cache: each gets a whole, loadable library."""
-    code = "from l2e_optim._src.kernels.native_tap import library; assert library().l2e_site_tap"
+    code = (  # each process runs the library it got: 4 tokens x 8 neurons, every value selected
+        "import torch; from l2e_optim._src.kernels.native_tap import NativeTap; acc = torch.zeros(19); "
+        "site = (torch.zeros(8), torch.ones(8), torch.tensor(0.5), torch.tensor(10), torch.tensor(5), acc, "
+        "torch.zeros(19)); NativeTap().site_backward(torch.ones(4, 8), torch.ones(4, 8), None, site, "
+        "(0.01, 1e-6, 1e-3, 0), None); assert acc[16:].tolist() == [4.0, 32.0, 0.0], acc"
+    )
     env = {**os.environ, "L2E_OPTIM_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     for run in runs:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from l2e_optim._src.kernels.blocked_tap import BlockedTap
 from l2e_optim._src.tap import _Tap
+from l2e_optim._src.tap_site import TapSite
 
 from . import _common
 
@@ -82,8 +83,8 @@ def counted_bytes(kernel: str, tokens: int, neurons: int, dtype: torch.dtype) ->
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(tokens, neurons, generator=g) * 2).to(dtype).requires_grad_()
     grad = (torch.randn(tokens, neurons, generator=g) * 1e-2).to(dtype)
-    site = (torch.zeros(neurons), torch.ones(neurons), torch.tensor(5.0), torch.tensor(100),
-            torch.tensor(50), torch.zeros(2 * neurons + 3), torch.zeros(2 * neurons + 3))
+    site = TapSite.pooled(torch.zeros(neurons), torch.ones(neurons), torch.tensor(5.0), torch.tensor(100),
+                          torch.tensor(50))
     options = (0.01, 1e-6, 1e-3, 10, "threshold", 0.02, 1)
     fused = BlockedTap() if kernel == "blocked" else None
     for _ in range(2):  # warm-up (the blocked buffers are allocated once)

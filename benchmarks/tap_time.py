@@ -22,6 +22,7 @@ import torch
 from l2e_optim._src.kernels import native_tap
 from l2e_optim._src.kernels.blocked_tap import BlockedTap
 from l2e_optim._src.tap import _Tap
+from l2e_optim._src.tap_site import TapSite
 
 from . import _common
 
@@ -31,9 +32,9 @@ def backward_of(fused: BlockedTap | None, tokens: int, neurons: int) -> tuple[Ca
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(tokens, neurons, generator=g) * 2).requires_grad_()
     grad = incoming(tokens, neurons)
-    acc = torch.zeros(2 * neurons + 3)
-    scalars = (torch.tensor(5.0), torch.tensor(100), torch.tensor(50))
-    site = (torch.zeros(neurons), torch.ones(neurons), *scalars, acc, torch.zeros_like(acc))
+    site = TapSite.pooled(torch.zeros(neurons), torch.ones(neurons), torch.tensor(5.0), torch.tensor(100),
+                          torch.tensor(50))
+    acc = site.accumulator
     options = (0.01, 1e-6, 1e-3, 10, "threshold", 0.02, 1)
 
     def run() -> torch.Tensor:

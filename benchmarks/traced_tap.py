@@ -27,7 +27,9 @@ from torch import Tensor
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 from l2e_optim._src import tap
+from l2e_optim._src.accumulator import accumulator_size
 from l2e_optim._src.tap import _Tap
+from l2e_optim._src.tap_site import TapSite
 
 from . import _common
 
@@ -36,15 +38,15 @@ EPS, LOG_EPS, COEF, TAU = 0.01, 1e-6, 1e-3, 5.0
 
 def _tapped(acc: Tensor, n: int) -> Callable[[Tensor], Tensor]:
     """GELU, then the library's tap (statistics present, penalty live), adding into ``acc``."""
-    scalars = (torch.tensor(TAU), torch.tensor(100), torch.tensor(50))
-    site = (torch.zeros(n), torch.ones(n), *scalars, acc, torch.zeros_like(acc))
+    site = TapSite(torch.zeros(n), torch.ones(n), torch.tensor(TAU), torch.tensor(100), torch.tensor(50), acc,
+                   torch.zeros_like(acc))
     options = (EPS, LOG_EPS, COEF, 0, "threshold", 0.02, 1)
     return lambda x: _Tap.apply(F.gelu(x), None, site, options, None, None)  # type: ignore[no-untyped-call]
 
 
 def functions(n: int) -> tuple[dict[str, Callable[[Tensor], Tensor]], dict[str, Tensor]]:
     """The three compiled functions, and the step accumulator each tap adds into."""
-    accs = {"traced_form": torch.zeros(2 * n + 3), "eager_form": torch.zeros(2 * n + 3)}
+    accs = {"traced_form": torch.zeros(accumulator_size(n)), "eager_form": torch.zeros(accumulator_size(n))}
 
     def gelu(x: Tensor) -> Tensor:
         return F.gelu(x)
@@ -70,7 +72,7 @@ def form_ops(n: int) -> dict[str, bool]:
         backend = AotEagerAndRecordGraphs()
         x = torch.randn(4, n).requires_grad_()
         with mock.patch.object(tap, "_traced", lambda traced=traced: traced):
-            torch.autograd.backward(torch.compile(_tapped(torch.zeros(2 * n + 3), n), backend=backend, fullgraph=True)(x).sum())
+            torch.autograd.backward(torch.compile(_tapped(torch.zeros(accumulator_size(n)), n), backend=backend, fullgraph=True)(x).sum())
         uses_mask[name] = any("masked_fill" in str(node.target) for g in backend.bw_graphs for node in g.graph.nodes)
     torch._dynamo.reset()
     return uses_mask

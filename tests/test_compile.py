@@ -20,6 +20,7 @@ from conftest import batches
 from l2e_optim import L2EConfig, L2EWrapper
 from l2e_optim._lab.zoo import PlainLM, tiny_gpt_neox
 from l2e_optim._src import tap as tap_module
+from l2e_optim._src.tap_site import TapSite
 
 CONFIG = {"warmup_steps": 1, "strength": 0.05, "ratio": 0.05}
 
@@ -243,9 +244,8 @@ def test_compiled_sums_stay_in_the_forward(padded: bool) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, n, generator=g, requires_grad=True)
     valid = (torch.rand(tokens, generator=g) > 0.3).float() if padded else None
-    acc = torch.zeros(2 * n + 3)
-    scalars = (torch.tensor(2.0), torch.tensor(10), torch.tensor(5))  # tau, count, step
-    site = (torch.zeros(n), torch.ones(n), *scalars, acc, torch.zeros_like(acc))
+    site = TapSite.pooled(torch.zeros(n), torch.ones(n), torch.tensor(2.0), torch.tensor(10), torch.tensor(5))
+    acc = site.accumulator
     options = (1e-2, 1e-6, 1e-2, 0, "threshold", 0.02, 1)
 
     weight = torch.randn(8, n, generator=g, requires_grad=True)
@@ -257,7 +257,7 @@ def test_compiled_sums_stay_in_the_forward(padded: bool) -> None:
         return nn.functional.linear(z, weight)
 
     out = torch.compile(tapped, backend=backend, fullgraph=True)(x)
-    forward_sums = site[6].clone()
+    forward_sums = site.forward_sums.clone()
     tokens_seen, selected, nonfinite = forward_sums[2 * n :].tolist()
     assert tokens_seen == (tokens if valid is None else float(valid.sum())) and nonfinite == 0.0
     assert selected > 0, "nothing selected: the count is not tested"

@@ -28,6 +28,7 @@ from l2e_optim._src.kernels import dispatch, native_tap
 from l2e_optim._src.kernels.blocked_tap import BlockedTap
 from l2e_optim._src.kernels.native_tap import NativeTap
 from l2e_optim._src.tap import _Tap
+from l2e_optim._src.tap_site import TapSite
 
 EPS, LOG_EPS, COEF, TAU = 0.01, 1e-6, 0.5, 1.5
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -91,9 +92,8 @@ def run_tap(
     (traced by ``torch.compile(backend=backend)`` when given; ``strided``: the tap sees the
     activation in column-major layout, a non-contiguous tensor)."""
     n, device = z.shape[-1], z.device
-    acc = torch.zeros(2 * n + 3, device=device)
-    scalars = [torch.tensor(v, device=device) for v in (TAU, count, step)]
-    site = (mean.to(device), var.to(device), *scalars, acc, torch.zeros_like(acc))
+    site = TapSite.pooled(mean.to(device), var.to(device), *(torch.tensor(v, device=device) for v in (TAU, count, step)))
+    acc = site.accumulator
     options = (EPS, LOG_EPS, coef, warmup, "threshold", 0.02, 1)
     leaf = z.detach().clone().requires_grad_()
     def tap(x: Tensor) -> Tensor:
@@ -508,10 +508,11 @@ def test_native_builds_where_the_cache_cannot_be_written(native: None, monkeypat
 def test_native_builds_race_safely(native: None, tmp_path: Path) -> None:
     """Ranks starting together build into one cache: each gets a whole, loadable library."""
     code = (  # each process runs the library it got: 4 tokens x 8 neurons, every value selected
-        "import torch; from l2e_optim._src.kernels.native_tap import NativeTap; acc = torch.zeros(19); "
-        "site = (torch.zeros(8), torch.ones(8), torch.tensor(0.5), torch.tensor(10), torch.tensor(5), acc, "
-        "torch.zeros(19)); NativeTap().site_backward(torch.ones(4, 8), torch.ones(4, 8), None, site, "
-        "(0.01, 1e-6, 1e-3, 0), None); assert acc[16:].tolist() == [4.0, 32.0, 0.0], acc"
+        "import torch; from l2e_optim._src.kernels.native_tap import NativeTap; "
+        "from l2e_optim._src.tap_site import TapSite; "
+        "site = TapSite.pooled(torch.zeros(8), torch.ones(8), torch.tensor(0.5), torch.tensor(10), torch.tensor(5)); "
+        "NativeTap().site_backward(torch.ones(4, 8), torch.ones(4, 8), None, site, (0.01, 1e-6, 1e-3, 0), None); "
+        "acc = site.accumulator; assert acc[16:].tolist() == [4.0, 32.0, 0.0], acc"
     )
     env = {**os.environ, "L2E_OPTIM_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]

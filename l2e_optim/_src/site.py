@@ -24,6 +24,7 @@ from .kernels.dispatch import KernelChooser
 from .position import as_sequences
 from .selection import retrieve, sample_count, token_statistics
 from .tap import _Tap
+from .tap_site import TapSite
 
 
 class SiteState:
@@ -95,6 +96,10 @@ class SiteState:
     def pending(self) -> Pending:
         """Named views into this step's accumulator."""
         return pending(self.accumulator, self.neurons, self.rows)
+
+    def tap_site(self, step: Tensor) -> TapSite:
+        """The tensors the tap reads and writes, with the wrapper's step count ``step``."""
+        return TapSite(self.mean, self.var, self.threshold, self.count, step, self.accumulator, self.forward_sums)
 
     def tensors(self) -> dict[str, Tensor]:
         """The checkpointed tensors by name."""
@@ -225,9 +230,8 @@ def _observe(z: Tensor, site: SiteState, runtime: SiteRuntime) -> Tensor:
         loss_scale = runtime.loss_scale()
         if loss_scale is not None:
             drop_stale_sums_(site.accumulator, site.scale_tag, loss_scale)
-        tensors = (site.mean, site.var, site.threshold, site.count, runtime.step, site.accumulator, site.forward_sums)
         fused = runtime.kernels.choose(z)
-        out = _Tap.apply(z, valid, tensors, runtime.tap_options, loss_scale, fused)  # type: ignore[no-untyped-call]
+        out = _Tap.apply(z, valid, site.tap_site(runtime.step), runtime.tap_options, loss_scale, fused)  # type: ignore[no-untyped-call]
     if config.inhibition == "memel":
         out = _memel(out, valid, site, runtime)
     return out

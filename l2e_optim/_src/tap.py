@@ -27,6 +27,7 @@ from .kernels.native_tap import DTYPES, NativeTap
 from .position import as_sequences, position_sums
 from .selection import TokenStatistics, retrieve, sample_count, token_statistics
 from .statistics import deviations, shifted_sums
+from .tap_site import TapSite
 
 
 class _Tap(torch.autograd.Function):
@@ -37,7 +38,7 @@ class _Tap(torch.autograd.Function):
         ctx: Any,
         z: Tensor,
         valid: Tensor | None,
-        site: tuple[Tensor, ...],
+        site: TapSite,
         options: tuple[float, float, float, int, str, float, int],
         loss_scale: Tensor | None = None,
         fused: FusedTap | None = None,
@@ -57,7 +58,7 @@ class _Tap(torch.autograd.Function):
             # 10 ms a Pythia-70M site). Measured: docs/benchmarks.md.
             seen = _observed(z, valid, site, options[0], traced=True, forward=True)
             sums = _batch_sums(seen)
-            _record(site[6], sums, z.shape[-1], seen.rows)
+            _record(site.forward_sums, sums, z.shape[-1], seen.rows)
             ctx.save_for_backward(z, valid, *sums)
         else:
             ctx.save_for_backward(z, valid)
@@ -71,22 +72,22 @@ class _Tap(torch.autograd.Function):
             return out, None, None, None, None, None
         if ctx.fused is not None:
             return _fused_backward(ctx, z, valid, grad), None, None, None, None, None
-        mean, var, tau, count, step, acc, _ = ctx.site
+        site: TapSite = ctx.site
         eps, log_eps, coef, warmup, retrieval, ratio, topk = ctx.options
         traced = bool(early) or _traced()
-        seen = _observed(z, valid, ctx.site, eps, traced)
+        seen = _observed(z, valid, site, eps, traced)
         d, dsq, over, stats = seen.d, seen.dsq, seen.over, seen.stats
         s1, s2, tokens, hits, finite = early if early else _batch_sums(seen)
         n = z.shape[-1]
-        accumulate(pending(acc, n, seen.rows), s1, s2, tokens, hits, finite)
+        accumulate(pending(site.accumulator, n, seen.rows), s1, s2, tokens, hits, finite)
         if coef == 0.0:
             return grad, None, None, None, None, None
         selected = over
         if retrieval != "threshold":
             scores = (dsq / stats.denom).view(-1, n)
-            picked = retrieve(scores, retrieval, tau, ratio, topk, sample_count(z.shape), valid)
+            picked = retrieve(scores, retrieval, site.threshold, ratio, topk, sample_count(z.shape), valid)
             selected = picked.view(d.shape) & stats.seen
-        scale = _penalty_scale(coef, tokens.sum(), finite & (step >= warmup), ctx.loss_scale)
+        scale = _penalty_scale(coef, tokens.sum(), finite & (site.step >= warmup), ctx.loss_scale)
         if traced:
             return _traced_penalty(grad, d, dsq, selected, scale, finite, log_eps), None, None, None, None, None
         # A skipped micro-batch's scale is 0, but 0 * (inf / inf) is NaN: its selection goes too.
@@ -106,17 +107,17 @@ class _Observed(NamedTuple):
 
 
 def _observed(
-    z: Tensor, valid: Tensor | None, site: tuple[Tensor, ...], eps: float, traced: bool, forward: bool = False
+    z: Tensor, valid: Tensor | None, site: TapSite, eps: float, traced: bool, forward: bool = False
 ) -> _Observed:
     """``z`` against the site's statistics; ``forward``: as the compiled forward counts (below)."""
-    mean, var, tau, count = site[:4]
+    mean = site.mean
     z3 = as_sequences(z)  # [sequences, positions, N]
-    stats = token_statistics(mean, var, count, eps, z3.shape[1])
+    stats = token_statistics(mean, site.var, site.token_count, eps, z3.shape[1])
     valid3 = None if valid is None else valid.view(z3.shape[:2])  # [sequences, positions]
     # Shift K = running mean: identical on every rank, keeps the sums small.
     d = deviations(z3, stats.shift, valid3)  # [sequences, positions, N]
     dsq = d * d
-    bar = _threshold_bar(stats, tau)
+    bar = _threshold_bar(stats, site.threshold)
     # What the moving threshold counts, whatever inhibits. The compiled forward compares
     # dsq - bar with 0: the same values (IEEE subtraction rounds monotonically, so a - b >= 0
     # exactly when a >= b for finite a and b; an infinite bar, no statistics yet, gives -inf,
@@ -182,19 +183,20 @@ def _column_sums(x: Tensor) -> Tensor:
 
 def _fused_backward(ctx: Any, z: Tensor, valid: Tensor | None, grad: Tensor) -> Tensor:
     """The tap's backward by a fused kernel (``ctx.fused``; pooled statistics, threshold)."""
-    mean, var, tau, count, step, acc, _ = ctx.site
+    site: TapSite = ctx.site
+    mean = site.mean
     eps, log_eps, coef, warmup = ctx.options[:4]
     z2 = rearrange(z, "... n -> (...) n")  # [tokens, N]
-    bar = _threshold_bar(token_statistics(mean, var, count, eps, 1), tau)  # [N]
+    bar = _threshold_bar(token_statistics(mean, site.var, site.token_count, eps, 1), site.threshold)  # [N]
     tokens = _token_count(valid, z2)
     # Without the finiteness of the sums, which the kernel learns only at the end: it zeroes
     # the penalty of a skipped micro-batch itself.
-    scale = _penalty_scale(coef, tokens, step >= warmup, ctx.loss_scale)
+    scale = _penalty_scale(coef, tokens, site.step >= warmup, ctx.loss_scale)
     g2 = None if coef == 0.0 else rearrange(grad, "... n -> (...) n")
     result = ctx.fused(z2, g2, valid, mean, bar, scale, log_eps)
     n = mean.shape[0]
     s1, s2 = result.sums[:n], result.sums[n:]
-    accumulate(pending(acc, n, None), s1, s2, tokens, result.selected, result.finite)
+    accumulate(pending(site.accumulator, n, None), s1, s2, tokens, result.selected, result.finite)
     return grad if result.grad is None else result.grad.view(grad.shape)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..statistics import MIN_COUNT
+from ..tap_site import TapSite
 from .blocked_tap import BlockedTap
 
 SOURCE = Path(__file__).with_name("native_tap.c")
@@ -148,7 +149,7 @@ class NativeTap(BlockedTap):
         z: Tensor,
         grad: Tensor,
         valid: Tensor | None,
-        site: tuple[Tensor, ...],
+        site: TapSite,
         options: tuple[Any, ...],
         loss_scale: Tensor | None,
     ) -> Tensor:
@@ -160,11 +161,10 @@ class NativeTap(BlockedTap):
         tap does in some forty small torch ops, 0.8 ms a site on the Pythia-70M step, in one.
         Returns the outgoing gradient (``grad`` itself when no penalty is due).
         """
-        mean, var, tau, count, step, acc, _ = site
         eps, log_eps, coef, warmup = options[:4]
         n = z.shape[-1]
         z2 = z.reshape(-1, n).contiguous()
-        active = coef != 0.0 and int(step) >= warmup  # sync-ok: CPU tensors (the C tap's device)
+        active = coef != 0.0 and int(site.step) >= warmup  # sync-ok: CPU tensors (the C tap's device)
         out = self._output(grad) if active else None
         g = None if out is None else grad.reshape(-1, n).contiguous()
         scratch = self._scratch(n)
@@ -174,13 +174,13 @@ class NativeTap(BlockedTap):
             None if g is None else g.data_ptr(),
             None if out is None else out.data_ptr(),
             None if valid is None else valid.data_ptr(),
-            mean.data_ptr(),
-            var.data_ptr(),
-            float(var.mean()),  # sync-ok: CPU; torch's mean, as score_denominator takes it
-            int(count) >= MIN_COUNT,  # sync-ok: CPU
-            float(tau),  # sync-ok: CPU
+            site.mean.data_ptr(),
+            site.var.data_ptr(),
+            float(site.var.mean()),  # sync-ok: CPU; torch's mean, as score_denominator takes it
+            int(site.token_count) >= MIN_COUNT,  # sync-ok: CPU
+            float(site.threshold),  # sync-ok: CPU
             eps,
-            acc.data_ptr(),
+            site.accumulator.data_ptr(),
             scratch.data_ptr(),
             scratch[n:].data_ptr(),
             z2.shape[0],

@@ -145,6 +145,23 @@ def test_traced_tap(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 
+@pytest.mark.slow
+def test_compiled_breakdown(capsys: pytest.CaptureFixture[str]) -> None:
+    """Both graphs compiled (Inductor, ~40 s): the L2E graph has kernels of its own, every part
+    is reported for both arms, and the parts account for the total."""
+    from benchmarks import compiled_breakdown as cb
+
+    result = _run(cb.main, capsys)
+    assert result["checks"] == {"hooks_compiled": True, "sites_select": True, "own_tokens_only": True}
+    kernels = result["kernels_ms"]
+    assert any(adamw == 0.0 and l2e > 0.0 for adamw, l2e in kernels.values()), kernels
+    assert any(adamw > 0.0 and l2e > 0.0 for adamw, l2e in kernels.values()), kernels
+    for arm in ("adamw", "l2e"):
+        parts = result["ms_per_step"][arm]
+        _finite(*(parts[c] for c in cb.CATEGORIES if c != "other"), parts["total"])
+        assert 0.0 <= parts[cb.ONLY_ONE] <= parts["compiled kernels"]
+
+
 def test_step_overhead_shared_design_catches_a_wrapper_that_was_not_paused(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,6 +22,11 @@ state and memory, so what differs is the wrapper's work. Per step, median over r
 - *optimizer step*: ``opt.step()`` as a whole (the wrapper's: AdamW plus the commit);
 - *other*: the rest of the profiled time.
 
+Also counted: minor page faults per step. glibc returns freed memory to the system and maps it
+again, and the first write to each fresh page faults; the graphs' different buffers can change
+how often that happens, and the time lands in whichever op first writes the memory (a matmul's
+output, say), not in the tap.
+
 Checks: the L2E graph has kernels the plain one lacks (the hooks were compiled in: Dynamo guards
 on module hooks only when told to, so a hook-less graph could otherwise be reused), every site
 selected something and merged exactly the tokens of the wrapper's own steps.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import resource
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -58,13 +64,16 @@ class Profiled(NamedTuple):
     selfs: dict[str, float]  #: self CPU ms of each event name
     step_ms: float  #: ms inside ``opt.step()`` (its outermost profiler range, children included)
     step_self: float  #: the part of ``selfs`` that is ``opt.step()``'s own ranges
+    faults: float  #: minor page faults (first touches of memory the allocator got fresh)
 
 
 def profiled_steps(step: Callable[[], None], steps: int) -> Profiled:
     """Profile ``steps`` calls of ``step``."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with profile() as prof:
         for _ in range(steps):
             step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     selfs: dict[str, float] = collections.defaultdict(float)
     for event in prof.key_averages():
         # Inductor names a kernel "graph_<graph id>_cpp_fused_<ops>_<index>": the same kernel in
@@ -74,7 +83,8 @@ def profiled_steps(step: Callable[[], None], steps: int) -> Profiled:
     outermost = [e for e in prof.events() if e.name.startswith(_STEP)
                  and not (e.cpu_parent is not None and e.cpu_parent.name.startswith(_STEP))]
     step_ms = sum(e.cpu_time_total for e in outermost) / 1e3 / steps
-    return Profiled(dict(selfs), step_ms, sum(ms for name, ms in selfs.items() if name.startswith(_STEP)))
+    step_self = sum(ms for name, ms in selfs.items() if name.startswith(_STEP))
+    return Profiled(dict(selfs), step_ms, step_self, faults / steps)
 
 
 def categorize(prof: Profiled, changed: set[str]) -> dict[str, float]:
@@ -157,11 +167,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"compiled_breakdown: shape={shape} batch={args.batch} seq={args.seq} rounds={args.rounds} "
           f"steps={args.steps} threads={args.threads} sites={len(wrapper.sites)} "
           f"loadavg={_common.machine()['loadavg']}")
+    faults = {arm: _common.median([prof.faults for prof in per_round[arm]]) for arm in arms}
     print("CPU ms per step under the profiler, median over rounds; % of the plain step's total")
     print(_common.table(["part", "AdamW ms", "L2E ms", "L2E - AdamW", "% of step"], rows))
+    print(f"minor page faults per step (fresh memory touched, e.g. by a matmul's output): "
+          f"AdamW {faults['adamw']:.0f}, L2E {faults['l2e']:.0f}")
     return {
         "shape": shape, "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "steps": args.steps,
         "smoke": args.smoke, "sites": len(wrapper.sites), "ms_per_step": medians,
+        "minor_faults_per_step": faults,
         "kernels_ms": per_kernel,  # name: [AdamW, L2E] ms per step (0: the graph lacks it)
         "checks": {"hooks_compiled": True, "sites_select": True, "own_tokens_only": True},
     }

@@ -140,7 +140,13 @@ def test_metrics_warn_when_a_compiled_graph_bypasses_the_hooks(corpus: Tensor) -
         with torch._dynamo.config.patch(skip_nnmodule_hook_guards=not guard_hooks):
             compiled = torch.compile(model, backend="aot_eager")
             loss_of(compiled, next(data))  # traced without hooks
-            opt = wrap(model)
+            if guard_hooks:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    opt = wrap(model)
+            else:  # said at construction already (test below), and again by metrics()
+                with pytest.warns(RuntimeWarning, match="already holds code for PlainLM.forward"):
+                    opt = wrap(model)
             opt.metrics()
             for _ in range(2):
                 loss_of(compiled, next(data)).backward()
@@ -156,6 +162,40 @@ def test_metrics_warn_when_a_compiled_graph_bypasses_the_hooks(corpus: Tensor) -
                     opt.metrics()
                 assert all(int(s.count) == 0 for s in opt.sites.values())
 
+
+
+def test_construction_warns_when_compiled_code_would_bypass_the_hooks(corpus: Tensor) -> None:
+    """Code Dynamo compiled before the hooks existed, for the model's class or a block's class
+    (per-block compilation), is named at construction with the fix; nothing is said when hooks
+    are guarded, once the old code is dropped, or when the wrapper comes first."""
+    ids = next(batches(corpus, 2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrap(PlainLM(layers=2))  # nothing compiled yet
+    loss_of(torch.compile(PlainLM(layers=2), backend="aot_eager"), ids)  # another PlainLM, hook-less
+    with pytest.warns(RuntimeWarning, match=r"PlainLM\.forward .*skip_nnmodule_hook_guards = False"):
+        wrap(PlainLM(layers=2))
+    with warnings.catch_warnings(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        warnings.simplefilter("error")
+        wrap(PlainLM(layers=2))
+    torch._dynamo.reset()
+    block_model = PlainLM(layers=2)
+    block = torch.compile(block_model.blocks[0], backend="aot_eager")
+    block(block_model.embed(ids))  # compiled per block, as torchtitan does
+    with pytest.warns(RuntimeWarning, match=r"PlainBlock\.forward"):
+        wrap(PlainLM(layers=2))
+    torch._dynamo.reset()
+    torch.compile(tiny_gpt_neox(layers=1), backend="aot_eager")(input_ids=ids)  # a real HF class
+    with pytest.warns(RuntimeWarning, match=r"GPTNeoXForCausalLM\.forward"):
+        wrap(tiny_gpt_neox(layers=1))
+    torch._dynamo.reset()
+    model = PlainLM(layers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = wrap(model)  # the documented order: wrapper first, then compile
+    loss_of(torch.compile(model, backend="aot_eager"), ids).backward()
+    opt.step()
+    assert all(int(s.count) > 0 for s in opt.sites.values())
 
 
 class _CheckpointedLM(PlainLM):

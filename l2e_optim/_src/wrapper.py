@@ -20,7 +20,7 @@ from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
 from .kernels.dispatch import check_kernel
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
-from .ownership import attach_hooks, check_arguments, detach_hooks
+from .ownership import attach_hooks, check_arguments, detach_hooks, warn_if_compiled_without_hooks
 from .site import SiteRuntime, SiteState
 from .state_layout import record_name
 from .wrapper_state import StateDictMethods
@@ -84,6 +84,7 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         self._record_names = {name: record_name(model, name) for name in names}
         self._reset_requested = False
         self._handles = attach_hooks(self, modules, self._sites, self._runtime, tap)
+        warn_if_compiled_without_hooks(model, names)
         self._last_seen: tuple[float, float] | None = None  # metrics(): (step, tokens seen)
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------

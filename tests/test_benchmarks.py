@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common, memory, selection_cost, step_only, step_overhead, tap_bytes  # noqa: E402
 from l2e_optim._src.kernels import native_tap  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    """Benchmarks compile models (Dynamo caches their code per class, process-wide): drop that
+    code after each, so later tests' wrappers start from a process with nothing compiled."""
+    yield
+    torch._dynamo.reset()
 
 
 def _run(main: Any, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:

@@ -177,7 +177,7 @@ def test_construction_warns_when_compiled_code_would_bypass_the_hooks(corpus: Te
         wrap(PlainLM(layers=2))
     with warnings.catch_warnings(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
         warnings.simplefilter("error")
-        wrap(PlainLM(layers=2))
+        wrap(PlainLM(layers=2))  # hooks guarded: taken as set from the first compile on, as documented
     torch._dynamo.reset()
     block_model = PlainLM(layers=2)
     block = torch.compile(block_model.blocks[0], backend="aot_eager")

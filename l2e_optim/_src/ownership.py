@@ -119,9 +119,11 @@ def warn_if_compiled_without_hooks(model: nn.Module, sites: Iterable[str]) -> No
                     f"torch.compile already holds code for {cls.__qualname__}.forward traced without "
                     "these L2E hooks (the model was compiled and run before the L2EWrapper was built, "
                     f"another {cls.__qualname__} was, or an earlier wrapper hooked it). Dynamo does not "
-                    "guard on module hooks by default, so that code would be reused and L2E would "
-                    "silently do nothing. Set torch._dynamo.config.skip_nnmodule_hook_guards = False "
-                    "before the next compiled call, or call torch._dynamo.reset() to drop the old code.",
+                    "guard on module hooks by default, so if this model runs compiled, that code is "
+                    "reused and L2E silently does nothing. Call torch._dynamo.reset() before the model's "
+                    "first compiled call; with several models of a class compiled in one process, set "
+                    "torch._dynamo.config.skip_nnmodule_hook_guards = False before the first compile "
+                    "(code compiled while it is True keeps matching).",
                     RuntimeWarning,
                     stacklevel=3,
                 )

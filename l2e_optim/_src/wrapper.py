@@ -251,8 +251,9 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
             f"L2E: {step - last[0]:.0f} optimizer steps since the last metrics() call, and none of "
             f"the {len(self._sites)} hooked sites saw a token, so nothing was measured or inhibited. "
             "The hooks did not run: a torch.compile'd model whose graph was traced without them "
-            "(build the L2EWrapper before the model's first compiled call, or set "
-            "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling), a model in "
+            "(build the L2EWrapper before the model's first compiled call, or call "
+            "torch._dynamo.reset() before it; with several models of a class compiled, set "
+            "torch._dynamo.config.skip_nnmodule_hook_guards = False before the first), a model in "
             "eval() mode or under no_grad while training, steps taken inside opt.paused(), or a "
             "different model than the wrapped one.",
             RuntimeWarning,

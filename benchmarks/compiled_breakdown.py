@@ -162,8 +162,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_kernel = {name: [_common.median([prof.selfs.get(name, 0.0) for prof in per_round[arm]]) for arm in arms]
                   for name in names}
     base_total = medians["adamw"]["total"]
-    rows = [[c, medians["adamw"][c], medians["l2e"][c], medians["l2e"][c] - medians["adamw"][c],
-             100 * (medians["l2e"][c] - medians["adamw"][c]) / base_total] for c in [CATEGORIES[0], ONLY_ONE, *CATEGORIES[1:], "total"]]
+    shown = [CATEGORIES[0], ONLY_ONE, *CATEGORIES[1:], "total"]
+    diffs = {c: medians["l2e"][c] - medians["adamw"][c] for c in shown}
+    rows = [[c, medians["adamw"][c], medians["l2e"][c], diffs[c], 100 * diffs[c] / base_total] for c in shown]
     print(f"compiled_breakdown: shape={shape} batch={args.batch} seq={args.seq} rounds={args.rounds} "
           f"steps={args.steps} threads={args.threads} sites={len(wrapper.sites)} "
           f"loadavg={_common.machine()['loadavg']}")

@@ -99,7 +99,9 @@ def warn_if_compiled_without_hooks(model: nn.Module, sites: Iterable[str]) -> No
     model of the same class, or a previous wrapper's hooks) is reused, and L2E silently does
     nothing. Checked once, host-side, at construction: the ``forward`` of the model and of every
     module on the way down to a site (per-block compilation compiles the blocks' class), looked
-    up in Dynamo's cache. Nothing to check when Dynamo was never imported (nothing compiled).
+    up in Dynamo's cache. Nothing to check when Dynamo was never imported (nothing compiled),
+    nor when hooks are guarded now (taken as set before the first compile, as documented: code
+    compiled while the flag was True keeps matching, which this cannot tell from the cache).
     """
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is None or not dynamo.config.skip_nnmodule_hook_guards:
@@ -108,7 +110,10 @@ def warn_if_compiled_without_hooks(model: nn.Module, sites: Iterable[str]) -> No
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:  # a torch without this (private) lookup: nothing to check with
         return
-    paths = {""} | {".".join(name.split(".")[:depth]) for name in sites for depth in range(1, name.count(".") + 2)}
+    paths = {""}  # the model, then each site and every module above it
+    for name in sites:
+        parts = name.split(".")
+        paths |= {".".join(parts[:depth]) for depth in range(1, len(parts) + 1)}
     classes = {type(model.get_submodule(path)) for path in paths}
     for cls in sorted(classes, key=lambda c: c.__qualname__):
         function = getattr(cls, "forward", None)

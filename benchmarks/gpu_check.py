@@ -162,9 +162,6 @@ def time_shared(model: nn.Module, ids: torch.Tensor, mode: str, cap: float, roun
     base = torch.optim.AdamW(model.parameters(), lr=LR)
     with warnings.catch_warnings():  # several wrappers on one model, on purpose: one runs at a time
         warnings.filterwarnings("ignore", message=".*already hooked by another live L2EWrapper")
-        # An earlier size's model (same class) was compiled: the arms below are timed with
-        # Dynamo guarding on hooks, which is the fix this warning asks for.
-        warnings.filterwarnings("ignore", message="torch.compile already holds code for")
         wrappers = {n: L2EWrapper(base, model, config=c) for n, c in ARMS.items() if n in names and c is not None}
     runner: nn.Module = torch.compile(model) if mode == "compiled" else model  # type: ignore[assignment]
     opts: dict[str, torch.optim.Optimizer] = {n: wrappers.get(n, base) for n in names}

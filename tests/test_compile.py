@@ -140,17 +140,15 @@ def test_metrics_warn_when_a_compiled_graph_bypasses_the_hooks(corpus: Tensor) -
         with torch._dynamo.config.patch(skip_nnmodule_hook_guards=not guard_hooks):
             compiled = torch.compile(model, backend="aot_eager")
             loss_of(compiled, next(data))  # traced without hooks
-            if guard_hooks:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    opt = wrap(model)
-            else:  # said at construction already (test below), and again by metrics()
-                with pytest.warns(RuntimeWarning, match="already holds code for PlainLM.forward"):
-                    opt = wrap(model)
+            opt = wrap(model)
             opt.metrics()
-            for _ in range(2):
+            for step in range(2):
                 loss_of(compiled, next(data)).backward()
-                opt.step()
+                if guard_hooks or step > 0:
+                    opt.step()
+                else:  # the first step says so already (test below), and metrics() again
+                    with pytest.warns(RuntimeWarning, match="none of the 2 sites has run"):
+                        opt.step()
                 opt.zero_grad()
             if guard_hooks:
                 with warnings.catch_warnings():
@@ -164,38 +162,86 @@ def test_metrics_warn_when_a_compiled_graph_bypasses_the_hooks(corpus: Tensor) -
 
 
 
-def test_construction_warns_when_compiled_code_would_bypass_the_hooks(corpus: Tensor) -> None:
-    """Code Dynamo compiled before the hooks existed, for the model's class or a block's class
-    (per-block compilation), is named at construction with the fix; nothing is said when hooks
-    are guarded, once the old code is dropped, or when the wrapper comes first."""
+def _first_step(model: nn.Module, opt: L2EWrapper, ids: Tensor) -> None:
+    loss_of(model, ids).backward()
+    opt.step()
+
+
+def test_first_step_warns_when_compiled_code_bypasses_the_hooks(corpus: Tensor) -> None:
+    """Code Dynamo compiled before the hooks existed (for another model of the class, per block,
+    or with an earlier wrapper's hooks) never calls them: the first step says so, with the fix,
+    and nothing was gathered. Silent in eager mode, in the documented order (the hooks are called
+    while Dynamo traces them), when hooks are guarded from the first compile on, and inside
+    paused(); a step at learning rate 0 without a forward (DCP's state initialisation) is not judged."""
     ids = next(batches(corpus, 2, 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        wrap(PlainLM(layers=2))  # nothing compiled yet
+
+    def quiet_first_step(model: nn.Module, opt: L2EWrapper, gathers: bool = True) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            _first_step(model, opt, ids)
+        assert all((int(s.count) > 0) == gathers for s in opt.sites.values())
+
+    model = PlainLM(layers=2)
+    quiet_first_step(model, wrap(model))  # eager
+    model = PlainLM(layers=2)
+    opt = wrap(model)
+    with opt.paused():
+        quiet_first_step(model, opt, gathers=False)  # paused on purpose: the hooks ran
+    model = PlainLM(layers=2)
+    opt = wrap(model)  # the documented order: wrapper first, then compile
+    quiet_first_step(torch.compile(model, backend="aot_eager"), opt)
+
+    torch._dynamo.reset()
     loss_of(torch.compile(PlainLM(layers=2), backend="aot_eager"), ids)  # another PlainLM, hook-less
-    with pytest.warns(RuntimeWarning, match=r"PlainLM\.forward .*skip_nnmodule_hook_guards = False"):
-        wrap(PlainLM(layers=2))
-    with warnings.catch_warnings(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-        warnings.simplefilter("error")
-        wrap(PlainLM(layers=2))  # hooks guarded: taken as set from the first compile on, as documented
+    model = PlainLM(layers=2)
+    opt = wrap(model)
+    with pytest.warns(RuntimeWarning, match=r"none of the 2 sites has run.*torch._dynamo.reset\(\)"):
+        _first_step(torch.compile(model, backend="aot_eager"), opt, ids)
+    assert all(int(s.count) == 0 for s in opt.sites.values())
+    with warnings.catch_warnings():  # said once
+        warnings.simplefilter("error", RuntimeWarning)
+        _first_step(torch.compile(model, backend="aot_eager"), opt, ids)
+    opt.remove_hooks()
+    opt = wrap(model)  # an earlier wrapper's hooks traced: this one's are never called
+    with pytest.warns(RuntimeWarning, match="none of the 2 sites has run"):
+        _first_step(torch.compile(model, backend="aot_eager"), opt, ids)
+
     torch._dynamo.reset()
-    block_model = PlainLM(layers=2)
-    block = torch.compile(block_model.blocks[0], backend="aot_eager")
-    block(block_model.embed(ids))  # compiled per block, as torchtitan does
-    with pytest.warns(RuntimeWarning, match=r"PlainBlock\.forward"):
-        wrap(PlainLM(layers=2))
-    torch._dynamo.reset()
-    torch.compile(tiny_gpt_neox(layers=1), backend="aot_eager")(input_ids=ids)  # a real HF class
-    with pytest.warns(RuntimeWarning, match=r"GPTNeoXForCausalLM\.forward"):
-        wrap(tiny_gpt_neox(layers=1))
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):  # from the first compile on
+        loss_of(torch.compile(PlainLM(layers=2), backend="aot_eager"), ids)
+        model = PlainLM(layers=2)
+        quiet_first_step(torch.compile(model, backend="aot_eager"), wrap(model))
+
     torch._dynamo.reset()
     model = PlainLM(layers=2)
+    block = torch.compile(model.blocks[0], backend="aot_eager")
+    block(model.embed(ids[:, :-1]))  # compiled per block (as torchtitan does), then the wrapper built
+    model.blocks[0] = block
+    opt = L2EWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2), model, sites=["blocks.0._orig_mod.mlp.2"])
+    with pytest.warns(RuntimeWarning, match="none of the 1 sites has run"):
+        _first_step(model, opt, ids)
+
+    torch._dynamo.reset()
+    torch.compile(tiny_gpt_neox(layers=1), backend="aot_eager")(input_ids=ids)  # a real HF class
+    hf = tiny_gpt_neox(layers=1)
+    opt = wrap(hf)
+    with pytest.warns(RuntimeWarning, match="none of the 1 sites has run"):
+        torch.compile(hf, backend="aot_eager")(input_ids=ids).logits.sum().backward()
+        opt.step()
+
+    model = PlainLM(layers=2)
+    opt = wrap(model)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        opt = wrap(model)  # the documented order: wrapper first, then compile
-    loss_of(torch.compile(model, backend="aot_eager"), ids).backward()
-    opt.step()
-    assert all(int(s.count) > 0 for s in opt.sites.values())
+        warnings.simplefilter("error", RuntimeWarning)
+        opt.step()  # DCP's lr-0 initialisation step: no forward, nothing judged
+    for group in opt.param_groups:
+        group["lr"] = 1e-2
+    with pytest.warns(RuntimeWarning, match="not the one given to the L2EWrapper"):
+        opt.step()  # a real step, and still no hook ran: the wrong model, say
 
 
 class _CheckpointedLM(PlainLM):

@@ -1,13 +1,12 @@
 """Who owns what: the wrapper's arguments checked at construction (an optimizer that does not
-train the model among them), its hooks on the model's modules, a warning when two live
-wrappers would inhibit the same modules, and one when compiled code would bypass the hooks."""
+train the model among them), its hooks on the model's modules, and a warning when two live
+wrappers would inhibit the same modules."""
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -88,52 +87,6 @@ def attach_hooks(
     # finalizer removes them (the finalizer holds the handles, never the wrapper).
     weakref.finalize(owner, remove_handles, handles)
     return handles
-
-
-def warn_if_compiled_without_hooks(model: nn.Module, sites: Iterable[str]) -> None:
-    """Warn when ``torch.compile`` already holds code traced without the hooks being attached.
-
-    Dynamo does not guard on module hooks by default
-    (``torch._dynamo.config.skip_nnmodule_hook_guards``): code it compiled for a module's class
-    before the hooks existed (this model compiled and run before the wrapper was built, another
-    model of the same class, or a previous wrapper's hooks) is reused, and L2E silently does
-    nothing. Checked once, host-side, at construction: the ``forward`` of the model and of every
-    module on the way down to a site (per-block compilation compiles the blocks' class), looked
-    up in Dynamo's cache. Nothing to check when Dynamo was never imported (nothing compiled),
-    nor when hooks are guarded now (taken as set before the first compile, as documented: code
-    compiled while the flag was True keeps matching, which this cannot tell from the cache).
-    """
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is None or not dynamo.config.skip_nnmodule_hook_guards:
-        return
-    try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    except ImportError:  # a torch without this (private) lookup: nothing to check with
-        return
-    paths = {""}  # the model, then each site and every module above it
-    for name in sites:
-        parts = name.split(".")
-        paths |= {".".join(parts[:depth]) for depth in range(1, len(parts) + 1)}
-    classes = {type(model.get_submodule(path)) for path in paths}
-    for cls in sorted(classes, key=lambda c: c.__qualname__):
-        function = getattr(cls, "forward", None)
-        while function is not None:
-            code = getattr(function, "__code__", None)
-            if code is not None and _debug_get_cache_entry_list(code):
-                warnings.warn(
-                    f"torch.compile already holds code for {cls.__qualname__}.forward traced without "
-                    "these L2E hooks (the model was compiled and run before the L2EWrapper was built, "
-                    f"another {cls.__qualname__} was, or an earlier wrapper hooked it). Dynamo does not "
-                    "guard on module hooks by default, so if this model runs compiled, that code is "
-                    "reused and L2E silently does nothing. Call torch._dynamo.reset() before the model's "
-                    "first compiled call; with several models of a class compiled in one process, set "
-                    "torch._dynamo.config.skip_nnmodule_hook_guards = False before the first compile "
-                    "(code compiled while it is True keeps matching).",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                return
-            function = getattr(function, "__wrapped__", None)
 
 
 def detach_hooks(owner: Any, handles: list[RemovableHandle]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from einops import rearrange
@@ -123,6 +123,9 @@ class SiteRuntime:
         self.config = config
         self.step = step
         self.paused = False
+        # Set when a site's hook is called on its module, eager or while Dynamo traces it:
+        # whether the hooks run at all (see L2EWrapper._check_hooks_ran).
+        self.hooks_ran = False
         self.token_mask: Tensor | None = None
         self.grad_scaler: torch.amp.GradScaler | None = None
         self.kernels = KernelChooser(config, step.device)
@@ -177,10 +180,23 @@ def make_hook(
     site_ref, runtime_ref = weakref.ref(site), weakref.ref(runtime)
     name = site.name
 
+    def set_hooks_ran() -> bool:
+        live_runtime = runtime_ref()
+        if live_runtime is not None:
+            live_runtime.hooks_ran = True
+        return True
+
+    # Dynamo runs this while tracing and puts its result in the graph as a constant: the flag is
+    # set also when the hook is compiled, with no side effect in the traced code (a side effect
+    # there made Dynamo give up compiling activation checkpointing around the hook).
+    constant = torch.compiler.assume_constant_result  # untyped in torch
+    note_call = cast(Callable[[], bool], constant(set_hooks_ran))  # type: ignore[no-untyped-call]
+
     def live(mod: nn.Module) -> tuple[SiteState, SiteRuntime] | None:
         live_site, live_runtime = site_ref(), runtime_ref()
         if live_site is None or live_runtime is None or mod is not owner():
             return None
+        note_call()
         if live_runtime.paused or not mod.training:
             return None
         return live_site, live_runtime

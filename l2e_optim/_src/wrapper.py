@@ -20,7 +20,7 @@ from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
 from .kernels.dispatch import check_kernel
 from .layout import accumulator_offsets, build_sites, module_device, relink_accumulators
-from .ownership import attach_hooks, check_arguments, detach_hooks, warn_if_compiled_without_hooks
+from .ownership import attach_hooks, check_arguments, detach_hooks
 from .site import SiteRuntime, SiteState
 from .state_layout import record_name
 from .wrapper_state import StateDictMethods
@@ -84,8 +84,8 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         self._record_names = {name: record_name(model, name) for name in names}
         self._reset_requested = False
         self._handles = attach_hooks(self, modules, self._sites, self._runtime, tap)
-        warn_if_compiled_without_hooks(model, names)
         self._last_seen: tuple[float, float] | None = None  # metrics(): (step, tokens seen)
+        self._hooks_checked = False  # whether _check_hooks_ran has had its step
 
     # -- the base optimizer's objects, live (load_state_dict replaces them on the base) --------
     @property
@@ -187,6 +187,35 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         if stepped is not None:
             increment = stepped.to(self._step_count.device, torch.int64) * increment
         self._step_count.add_(increment)
+        if not self._hooks_checked:
+            self._check_hooks_ran()
+
+    def _check_hooks_ran(self) -> None:
+        """At the first step with a learning rate: warn if no site's hook was ever called.
+
+        Host-side (a Python flag the hooks set, also while Dynamo traces them), so no device
+        sync. Steps where every learning rate is 0 are not judged: ``torch.distributed.checkpoint``
+        and torchtitan step a fresh optimizer without any forward to create its state, and a
+        warm-up may start at 0.
+        """
+        if all(_is_zero(group.get("lr")) for group in self.param_groups):
+            return
+        self._hooks_checked = True
+        if self._runtime.hooks_ran or not self._handles:
+            return
+        warnings.warn(
+            f"L2E: an optimizer step was taken, but the hook of none of the {len(self._sites)} sites has "
+            "run since the L2EWrapper was built, so nothing is measured or inhibited. Most likely "
+            "the model runs code torch.compile traced without these hooks (the model, or another of "
+            "its class, was compiled and run before the wrapper was built, or an earlier wrapper's "
+            "hooks were traced; Dynamo does not guard on module hooks by default): call "
+            "torch._dynamo.reset() before the model's next compiled call, and with several models of "
+            "a class compiled in one process set torch._dynamo.config.skip_nnmodule_hook_guards = "
+            "False before the first compile (code compiled while it is True keeps matching). Or the "
+            "model that is trained is not the one given to the L2EWrapper.",
+            RuntimeWarning,
+            stacklevel=5,  # the caller of step() (through torch's step-hook wrapper)
+        )
 
     # -- controls -------------------------------------------------------------------------------
     def set_token_mask(self, mask: Tensor | None) -> None:
@@ -298,6 +327,7 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         self._runtime = SiteRuntime(self.config, self._step_count)
         self._handles = []
         self._last_seen = None
+        self._hooks_checked = False
         self._closure_required = requires_closure(self._base)
 
     def __repr__(self) -> str:
@@ -307,3 +337,8 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
             f"L2EWrapper(inhibition={self.config.inhibition!r}, ratio={self.config.ratio}, "
             f"strength={self.config.strength}, sites=[{sites}],\n  base=\n{base}\n)"
         )
+
+
+def _is_zero(lr: Any) -> bool:
+    """A learning rate known on the host to be 0 (a tensor one is not read: no sync)."""
+    return isinstance(lr, (int, float)) and lr == 0

@@ -63,6 +63,12 @@ def _commit_group(sites: list[SiteState], config: L2EConfig) -> None:
     torch._foreach_zero_([site.accumulator for site in sites])
 
 
+def lr_known_nonzero(param_groups: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether some group's learning rate is known on the host to be nonzero (a tensor learning
+    rate is not read: that would be a device sync)."""
+    return any(not isinstance(group.get("lr"), Tensor) and group.get("lr") != 0 for group in param_groups)
+
+
 def step_increment(sites: Iterable[SiteState], param_groups: Sequence[Mapping[str, Any]]) -> Tensor | int:
     """What a step adds to the wrapper's step count: 1, or 0 for a step that did no training.
 
@@ -75,7 +81,7 @@ def step_increment(sites: Iterable[SiteState], param_groups: Sequence[Mapping[st
     lr 0 (warm-up) has seen tokens and counts.
     """
     groups = list(param_groups)
-    if any(not isinstance(group.get("lr"), Tensor) and group.get("lr") != 0 for group in groups):
+    if lr_known_nonzero(groups):
         return 1
     if any(p.grad is None for group in groups for p in group["params"] if p.requires_grad):
         return 1

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .amp_forwarding import AmpForwarding
 from .base_step import init_hook_dicts, requires_closure, step_without_global_hooks
-from .commit import commit_sites, step_increment
+from .commit import commit_sites, lr_known_nonzero, step_increment
 from .config import L2EConfig
 from .discovery import SiteSelector, resolve_sites
 from .distributed import PendingReduce, start_all_reduce
@@ -194,11 +194,12 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
         """At the first step with a learning rate: warn if no site's hook was ever called.
 
         Host-side (a Python flag the hooks set, also while Dynamo traces them), so no device
-        sync. Steps where every learning rate is 0 are not judged: ``torch.distributed.checkpoint``
-        and torchtitan step a fresh optimizer without any forward to create its state, and a
-        warm-up may start at 0.
+        sync. Only a step with a learning rate known on the host to be nonzero is judged (as in
+        ``step_increment``): ``torch.distributed.checkpoint`` and torchtitan step a fresh
+        optimizer at learning rate 0 without any forward to create its state, and a warm-up may
+        start at 0. With tensor learning rates only (capturable optimizers) it never judges.
         """
-        if all(_is_zero(group.get("lr")) for group in self.param_groups):
+        if not lr_known_nonzero(self.param_groups):
             return
         self._hooks_checked = True
         if self._runtime.hooks_ran or not self._handles:
@@ -337,8 +338,3 @@ class L2EWrapper(StateDictMethods, AmpForwarding, torch.optim.Optimizer):
             f"L2EWrapper(inhibition={self.config.inhibition!r}, ratio={self.config.ratio}, "
             f"strength={self.config.strength}, sites=[{sites}],\n  base=\n{base}\n)"
         )
-
-
-def _is_zero(lr: Any) -> bool:
-    """A learning rate known on the host to be 0 (a tensor one is not read: no sync)."""
-    return isinstance(lr, (int, float)) and lr == 0

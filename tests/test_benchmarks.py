@@ -6,7 +6,6 @@ import json
 import math
 import pathlib
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,14 +15,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common, memory, selection_cost, step_only, step_overhead, tap_bytes  # noqa: E402
 from l2e_optim._src.kernels import native_tap  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> Iterator[None]:
-    """Benchmarks compile models (Dynamo caches their code per class, process-wide): drop that
-    code after each, so later tests' wrappers start from a process with nothing compiled."""
-    yield
-    torch._dynamo.reset()
 
 
 def _run(main: Any, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
@@ -156,8 +147,8 @@ def test_traced_tap(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.slow
 def test_compiled_breakdown(capsys: pytest.CaptureFixture[str]) -> None:
-    """Both graphs compiled (Inductor, ~40 s): the L2E graph has kernels of its own, every part
-    is reported for both arms, and the parts account for the total."""
+    """Both graphs compiled (Inductor, ~40 s): the L2E graph has kernels of its own and shares
+    the rest with the plain one, and every timed part is reported for both arms."""
     from benchmarks import compiled_breakdown as cb
 
     result = _run(cb.main, capsys)
@@ -168,7 +159,6 @@ def test_compiled_breakdown(capsys: pytest.CaptureFixture[str]) -> None:
     for arm in ("adamw", "l2e"):
         parts = result["ms_per_step"][arm]
         _finite(*(parts[c] for c in cb.CATEGORIES if c != "other"), parts["total"])
-        assert 0.0 <= parts[cb.ONLY_ONE] <= parts["compiled kernels"]
 
 
 def test_step_overhead_shared_design_catches_a_wrapper_that_was_not_paused(

@@ -48,7 +48,7 @@ from torch.profiler import profile
 from l2e_optim import L2EConfig, L2EWrapper
 from l2e_optim._lab.zoo import build_model, lm_loss
 
-from . import _common
+from . import _common, step_overhead
 
 CATEGORIES = ["compiled kernels", "matmuls / attention", "graph calls", "optimizer step", "other"]
 _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product")
@@ -148,10 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 per_round[arm].append(prof)
     changed = kernels["adamw"] ^ kernels["l2e"]
     assert kernels["l2e"] - kernels["adamw"], "the L2E graph has no kernel of its own: the hooks were not compiled in"
-    tokens = batches[0][:, :-1].numel()
-    for name, site in wrapper.sites.items():
-        assert float(site.selected_fraction) > 0.0, f"site {name} selected nothing"
-        assert int(site.count.sum()) == l2e_steps[0] * tokens, f"site {name}: tokens of other steps merged"
+    step_overhead.check_own_tokens("l2e", wrapper, l2e_steps[0], batches[0][:, :-1].numel())
 
     medians: dict[str, dict[str, float]] = {}
     for arm, rounds in per_round.items():

@@ -186,14 +186,18 @@ def measure_shared(
         wall, cpu = _common.paired_times(arms, rounds=rounds, warmup=2)
     tokens = batches[0][:, :-1].numel()
     for arm, opt in wrappers.items():
-        steps = len(step_times[arm])
-        fractions = [float(site.selected_fraction) for site in opt.sites.values()]
-        assert all(f > 0.0 for f in fractions), f"{arm}: a site selected nothing ({fractions})"
-        # Its own steps' tokens and no other arm's: the paused wrappers gathered nothing (summed
-        # over the rows of per-position statistics, which count each position's tokens).
-        counts = {int(site.count.sum()) for site in opt.sites.values()}
-        assert counts == {steps * tokens}, f"{arm}: {counts} tokens merged in {steps} steps of {tokens}"
+        check_own_tokens(arm, opt, len(step_times[arm]), tokens)
     return _report(arm_names, opts, wall, cpu, step_times)
+
+
+def check_own_tokens(arm: str, opt: L2EWrapper, steps: int, tokens: int) -> None:
+    """A wrapper sharing its model with paused others selected something at every site and merged
+    its own ``steps`` steps of ``tokens`` tokens and no other arm's: the paused wrappers gathered
+    nothing (summed over the rows of per-position statistics, which count each position's tokens)."""
+    fractions = [float(site.selected_fraction) for site in opt.sites.values()]
+    assert all(f > 0.0 for f in fractions), f"{arm}: a site selected nothing ({fractions})"
+    counts = {int(site.count.sum()) for site in opt.sites.values()}
+    assert counts == {steps * tokens}, f"{arm}: {counts} tokens merged in {steps} steps of {tokens}"
 
 
 def _chosen_arms(names: str) -> list[str]:
